@@ -19,8 +19,11 @@ needs_data = pytest.mark.skipif(
 # Small enough for the fast suite (about a minute on 2 cores), real enough to serve and measure.
 SMALL_SPEC = {
     "models": [
-        {"model": "efficientnet_lite0", "precisions": ["fp32", "int8"],
-         "backends": ["onnxruntime", "openvino"]},
+        {
+            "model": "efficientnet_lite0",
+            "precisions": ["fp32", "int8"],
+            "backends": ["onnxruntime", "openvino"],
+        },
     ],
     "calibration_images": 32,
     "eval_images": 64,

@@ -1,0 +1,193 @@
+"""Dynamic batching for one model: a bounded queue and one thread per instance, each with its own runner.
+
+Each model has its own queue and instance threads, so a slow or saturated model never holds back
+another one (no head-of-line blocking across models). Within a model, requests stay in FIFO order.
+
+Batch forming follows the model's `dynamic_batching` config: at most `max_batch_size` images, the
+largest preferred size that is already queued, and otherwise a wait of at most
+`max_queue_delay_microseconds` for the next preferred size. The wait is spent only when requests
+arrive faster than the delay (estimated from recent inter-arrival times): under light load,
+waiting could never fill a batch and would only add the whole delay to every request.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from serving.runtimes.base import Runner
+
+# Smoothing of the inter-arrival estimate: ~10 recent requests dominate.
+_EWMA = 0.2
+
+
+class QueueFull(Exception):
+    """The model's queue holds `max_queue_size` requests already."""
+
+
+class Expired(Exception):
+    """The request's deadline passed while it waited; it was dropped before compute."""
+
+
+class ModelStopped(Exception):
+    """The model was unloaded (server shutting down) before the request ran."""
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_s: float = 0.0
+    max_queue_size: int = 64
+    instances: int = 1
+
+
+@dataclass
+class Pending:
+    """One request in the queue: `done(logits, None)` or `done(None, exc)` is called exactly once."""
+
+    batch: np.ndarray
+    deadline: float | None  # time.monotonic() seconds
+    done: Callable[[np.ndarray | None, BaseException | None], None]
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def size(self) -> int:
+        return int(self.batch.shape[0])
+
+
+@dataclass
+class BatchObserver:
+    """Where the batcher reports what it did (metrics); no-ops by default."""
+
+    queued: Callable[[float], None] = lambda seconds: None
+    computed: Callable[[int, float], None] = lambda images, seconds: None
+    depth: Callable[[int], None] = lambda depth: None
+
+
+class ModelBatcher:
+    def __init__(self, runners: list[Runner], policy: BatchPolicy, observer: BatchObserver | None = None):
+        if not runners:
+            raise ValueError("a batcher needs at least one runner")
+        self.policy = policy
+        self.observer = observer or BatchObserver()
+        self._runners = runners
+        self._queue: deque[Pending] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._last_arrival: float | None = None
+        self._interarrival = float("inf")
+        self._threads = [
+            threading.Thread(target=self._loop, args=(r,), name=f"instance-{i}", daemon=True)
+            for i, r in enumerate(runners)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, item: Pending) -> None:
+        with self._cond:
+            if self._stopping:
+                raise ModelStopped()
+            if len(self._queue) >= self.policy.max_queue_size:
+                raise QueueFull()
+            now = item.enqueued
+            if self._last_arrival is not None:
+                gap = now - self._last_arrival
+                self._interarrival = gap if self._interarrival == float("inf") else (
+                    (1 - _EWMA) * self._interarrival + _EWMA * gap
+                )
+            self._last_arrival = now
+            self._queue.append(item)
+            self.observer.depth(len(self._queue))
+            self._cond.notify_all()
+
+    def depth(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def _ready(self, queued: int) -> bool:
+        return queued >= self.policy.max_batch_size or queued in self.policy.preferred_batch_sizes
+
+    def _take(self, now: float) -> list[Pending]:
+        """Pop a batch (lock held): live requests only, FIFO, within max_batch_size, cut back to the
+        largest preferred size when one is reachable by a prefix of the queue."""
+        batch: list[Pending] = []
+        total = 0
+        while self._queue:
+            head = self._queue[0]
+            if head.deadline is not None and head.deadline <= now:
+                self._queue.popleft()
+                head.done(None, Expired())
+                continue
+            if total + head.size > self.policy.max_batch_size:
+                break
+            batch.append(self._queue.popleft())
+            total += head.size
+        preferred = set(self.policy.preferred_batch_sizes)
+        if preferred and total not in preferred:
+            sums = np.cumsum([p.size for p in batch]).tolist()
+            cuts = [i + 1 for i, s in enumerate(sums) if s in preferred]
+            if cuts:
+                for p in reversed(batch[cuts[-1]:]):
+                    self._queue.appendleft(p)
+                batch = batch[: cuts[-1]]
+        return batch
+
+    def _gather(self) -> list[Pending] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping and not self._queue:
+                return None
+            delay = self.policy.max_queue_delay_s
+            if delay > 0 and self._interarrival < delay:
+                wait_until = self._queue[0].enqueued + delay
+                while not self._stopping and not self._ready(sum(p.size for p in self._queue)):
+                    remaining = wait_until - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            batch = self._take(time.monotonic())
+            self.observer.depth(len(self._queue))
+            return batch
+
+    def _loop(self, runner: Runner) -> None:
+        while True:
+            batch = self._gather()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            start = time.monotonic()
+            for p in batch:
+                self.observer.queued(start - p.enqueued)
+            try:
+                x = batch[0].batch if len(batch) == 1 else np.concatenate([p.batch for p in batch])
+                logits = runner.infer(x)
+            except Exception as exc:  # a runtime failure fails this batch, not the instance
+                for p in batch:
+                    p.done(None, exc)
+                continue
+            self.observer.computed(int(x.shape[0]), time.monotonic() - start)
+            offset = 0
+            for p in batch:
+                p.done(logits[offset:offset + p.size], None)
+                offset += p.size
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is queued, then stop the instance threads and close the runners."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+        with self._cond:
+            while self._queue:
+                self._queue.popleft().done(None, ModelStopped())
+        for r in self._runners:
+            r.close()

@@ -1,0 +1,176 @@
+"""Loading a repository for the edge server: each variant through the runners, failures kept per variant.
+
+A variant that cannot load (bad file, bad config, unknown backend) becomes a not-ready entry with
+its reason, and the others serve normally.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from serving.edge.batching import BatchObserver, BatchPolicy, ModelBatcher
+from serving.edge.metrics import EdgeMetrics
+from serving.errors import RtqError
+from serving.models.preprocessing import Preprocessing
+from serving.repository.layout import CONFIG, VERSION, list_variants, open_variant
+from serving.repository.triton_config import LABELS_FILE, read_config
+from serving.runtimes import open_runner
+
+DEFAULT_MAX_QUEUE = 64
+_THREAD_PARAMS = ("intra_op_thread_count", "INFERENCE_NUM_THREADS")
+
+
+@dataclass
+class Stats:
+    """What ModelStatistics reports, in Triton's units (nanoseconds)."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    queue_count: int = 0
+    queue_ns: int = 0
+    infer_count: int = 0
+    infer_ns: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class ServedModel:
+    name: str
+    version: str
+    labels: tuple[str, str, str]
+    config: mc.ModelConfig | None = None
+    manifest: dict | None = None
+    batcher: ModelBatcher | None = None
+    class_names: tuple[str, ...] = ()
+    reason: str = "loading"
+    stats: Stats = field(default_factory=Stats)
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher is not None
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.manifest["preprocessing"])
+
+    @property
+    def input_name(self) -> str:
+        return self.config.input[0].name
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.config.input[0].dims)
+
+    @property
+    def output_name(self) -> str:
+        return self.config.output[0].name
+
+
+def policy_of(cfg: mc.ModelConfig, default_max_queue: int) -> BatchPolicy:
+    db = cfg.dynamic_batching if cfg.HasField("dynamic_batching") else None
+    max_queue = default_max_queue
+    if db is not None and db.default_queue_policy.max_queue_size > 0:
+        max_queue = int(db.default_queue_policy.max_queue_size)
+    return BatchPolicy(
+        max_batch_size=max(1, cfg.max_batch_size),
+        preferred_batch_sizes=tuple(db.preferred_batch_size) if db else (),
+        max_queue_delay_s=db.max_queue_delay_microseconds / 1e6 if db else 0.0,
+        max_queue_size=max_queue,
+        instances=max(1, sum(g.count for g in cfg.instance_group) or 1),
+    )
+
+
+def threads_of(cfg: mc.ModelConfig, manifest: dict) -> int:
+    for key in _THREAD_PARAMS:
+        if key in cfg.parameters:
+            try:
+                return max(1, int(cfg.parameters[key].string_value))
+            except ValueError:
+                pass
+    return int(manifest.get("threads", 2))
+
+
+def _observer(metrics: EdgeMetrics, labels: tuple[str, str, str], stats: Stats) -> BatchObserver:
+    queue_h = metrics.queue_seconds.labels(*labels)
+    compute_h = metrics.compute_seconds.labels(*labels)
+    batch_h = metrics.batch_size.labels(*labels)
+    depth_g = metrics.queue_depth.labels(*labels)
+
+    def queued(seconds: float) -> None:
+        queue_h.observe(seconds)
+        with stats.lock:
+            stats.queue_count += 1
+            stats.queue_ns += int(seconds * 1e9)
+
+    def computed(images: int, seconds: float) -> None:
+        compute_h.observe(seconds)
+        batch_h.observe(images)
+        with stats.lock:
+            stats.execution_count += 1
+            stats.inference_count += images
+            stats.infer_count += images
+            stats.infer_ns += int(seconds * 1e9)
+            stats.last_inference_ms = int(time.time() * 1000)
+
+    return BatchObserver(queued=queued, computed=computed, depth=depth_g.set)
+
+
+def load_model(repository: Path, name: str, metrics: EdgeMetrics, default_max_queue: int,
+               threads_override: int | None = None) -> ServedModel:
+    """Open one variant; never raises for a broken variant, returns it not-ready with the reason."""
+    served = ServedModel(name=name, version=VERSION, labels=("", "", ""))
+    runners = []
+    try:
+        variant = open_variant(repository, name)
+        served.manifest = variant.manifest
+        served.labels = (name, str(variant.manifest["precision"]), str(variant.manifest["backend"]))
+        served.config = read_config(variant.root / CONFIG)
+        if not served.config.input or not served.config.output:
+            raise RtqError(f"{CONFIG} declares no input or no output")
+        labels_path = variant.root / LABELS_FILE
+        served.class_names = tuple(labels_path.read_text().splitlines()) if labels_path.is_file() else ()
+        policy = policy_of(served.config, default_max_queue)
+        threads = threads_override or threads_of(served.config, variant.manifest)
+        warm = np.zeros((1, *served.image_shape), dtype=np.float32)
+        for _ in range(policy.instances):
+            runner = open_runner(variant.manifest["backend"], variant.model_path,
+                                 variant.manifest["precision"], threads)
+            runners.append(runner)
+            runner.infer(warm)  # first inference compiles kernels; keep it off the first request
+        served.batcher = ModelBatcher(runners, policy, _observer(metrics, served.labels, served.stats))
+        served.reason = ""
+    except RtqError as exc:
+        served.reason = str(exc)
+    except Exception as exc:  # noqa: BLE001 - any failure of one variant must not stop the others
+        served.reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc) else ''}"
+    if not served.ready:
+        for r in runners:
+            r.close()
+    if served.labels[0]:
+        metrics.model_ready.labels(*served.labels).set(1 if served.ready else 0)
+    return served
+
+
+def load_repository(repository: Path, metrics: EdgeMetrics, default_max_queue: int = DEFAULT_MAX_QUEUE,
+                    only: list[str] | None = None, threads: int | None = None,
+                    on_loaded: Callable[[ServedModel], None] | None = None) -> dict[str, ServedModel]:
+    names = only or list_variants(repository)
+    models: dict[str, ServedModel] = {}
+    for name in names:
+        served = load_model(repository, name, metrics, default_max_queue, threads)
+        models[name] = served
+        if on_loaded:
+            on_loaded(served)
+    return models
