@@ -149,6 +149,24 @@ def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.edge.cli import serve_main
+
+    return serve_main(args)
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    from serving.triton.cli import triton_main
+
+    return triton_main(args)
+
+
+def cmd_bench_serving(args: argparse.Namespace) -> int:
+    from serving.bench.serving_bench import bench_main
+
+    return bench_main(args, _command_line())
+
+
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
@@ -236,6 +254,25 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+
+    from serving.bench.serving_bench import add_arguments as bench_serving_args
+    from serving.edge.cli import add_arguments as serve_args
+    from serving.triton.cli import add_arguments as triton_args
+
+    sp = sub.add_parser("serve", help="edge gRPC server (KServe v2 / Triton protocol) with Prometheus metrics")
+    serve_args(sp)
+    common(sp, data=False)
+    sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("triton", help="run the real tritonserver (nvidia-pytriton) on the repository")
+    triton_args(sp)
+    common(sp, data=False)
+    sp.set_defaults(func=cmd_triton)
+
+    sp = bsub.add_parser("serving", help="edge server vs Triton vs raw runtime: latency, throughput, memory")
+    bench_serving_args(sp)
+    common(sp)
+    sp.set_defaults(func=cmd_bench_serving)
         return args.func(args)
     except RtqError as exc:
         print(f"rtq: error: {exc}", file=sys.stderr)

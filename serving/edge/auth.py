@@ -26,8 +26,9 @@ class TokenCheck:
             return
         given = next((v for k, v in (metadata or ()) if k == "authorization"), None)
         if given is None:
-            raise RequestError(grpc.StatusCode.UNAUTHENTICATED,
-                               "missing 'authorization: Bearer <token>' metadata")
+            raise RequestError(
+                grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata"
+            )
         given_b = given.encode() if isinstance(given, str) else given
         if not hmac.compare_digest(given_b, self._expected):
             raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")

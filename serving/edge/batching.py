@@ -98,8 +98,10 @@ class ModelBatcher:
             now = item.enqueued
             if self._last_arrival is not None:
                 gap = now - self._last_arrival
-                self._interarrival = gap if self._interarrival == float("inf") else (
-                    (1 - _EWMA) * self._interarrival + _EWMA * gap
+                self._interarrival = (
+                    gap
+                    if self._interarrival == float("inf")
+                    else ((1 - _EWMA) * self._interarrival + _EWMA * gap)
                 )
             self._last_arrival = now
             self._queue.append(item)
@@ -133,7 +135,7 @@ class ModelBatcher:
             sums = np.cumsum([p.size for p in batch]).tolist()
             cuts = [i + 1 for i, s in enumerate(sums) if s in preferred]
             if cuts:
-                for p in reversed(batch[cuts[-1]:]):
+                for p in reversed(batch[cuts[-1] :]):
                     self._queue.appendleft(p)
                 batch = batch[: cuts[-1]]
         return batch
@@ -176,7 +178,7 @@ class ModelBatcher:
             self.observer.computed(int(x.shape[0]), time.monotonic() - start)
             offset = 0
             for p in batch:
-                p.done(logits[offset:offset + p.size], None)
+                p.done(logits[offset : offset + p.size], None)
                 offset += p.size
 
     def stop(self, timeout: float = 30.0) -> None:

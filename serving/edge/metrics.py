@@ -13,8 +13,25 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 LABELS = ("model", "precision", "backend")
 # Milliseconds matter here: edges at 10 ms, 33 ms (a 30-FPS frame) and 50 ms are SLO lines.
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.010, 0.015, 0.020, 0.025, 0.033, 0.050,
-    0.075, 0.100, 0.250, 0.500, 1.0, 2.5,
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.004,
+    0.005,
+    0.0075,
+    0.010,
+    0.015,
+    0.020,
+    0.025,
+    0.033,
+    0.050,
+    0.075,
+    0.100,
+    0.250,
+    0.500,
+    1.0,
+    2.5,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # Requests refused before a model is known (unknown name, wrong token) carry these labels, so
@@ -40,37 +57,48 @@ class EdgeMetrics:
         self.request_seconds = Histogram(
             "rtq_request_duration_seconds",
             "ModelInfer time in the server, from request received to response ready",
-            LABELS, buckets=LATENCY_BUCKETS, registry=registry,
+            LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.queue_seconds = Histogram(
             "rtq_queue_duration_seconds",
             "Time a request waited in its model's batching queue",
-            LABELS, buckets=LATENCY_BUCKETS, registry=registry,
+            LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.compute_seconds = Histogram(
             "rtq_compute_duration_seconds",
             "Runtime inference time of one batch",
-            LABELS, buckets=LATENCY_BUCKETS, registry=registry,
+            LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.batch_size = Histogram(
             "rtq_batch_size",
             "Images per executed batch",
-            LABELS, buckets=BATCH_BUCKETS, registry=registry,
+            LABELS,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
         self.requests = Counter(
             "rtq_requests_total",
             "ModelInfer requests answered, by gRPC status code",
-            (*LABELS, "code"), registry=registry,
+            (*LABELS, "code"),
+            registry=registry,
         )
         self.labelled = Counter(
             "rtq_predictions_labelled_total",
             "Images that came with a label (request parameter 'label')",
-            LABELS, registry=registry,
+            LABELS,
+            registry=registry,
         )
         self.correct = Counter(
             "rtq_predictions_correct_total",
             "Labelled images whose top-1 class equals the label",
-            LABELS, registry=registry,
+            LABELS,
+            registry=registry,
         )
         self.inflight = Gauge(
             "rtq_inflight_requests", "ModelInfer requests being handled", LABELS, registry=registry

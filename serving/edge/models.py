@@ -127,8 +127,13 @@ def _observer(metrics: EdgeMetrics, labels: tuple[str, str, str], stats: Stats) 
     return BatchObserver(queued=queued, computed=computed, depth=depth_g.set)
 
 
-def load_model(repository: Path, name: str, metrics: EdgeMetrics, default_max_queue: int,
-               threads_override: int | None = None) -> ServedModel:
+def load_model(
+    repository: Path,
+    name: str,
+    metrics: EdgeMetrics,
+    default_max_queue: int,
+    threads_override: int | None = None,
+) -> ServedModel:
     """Open one variant; never raises for a broken variant, returns it not-ready with the reason."""
     served = ServedModel(name=name, version=VERSION, labels=("", "", ""))
     runners = []
@@ -145,8 +150,9 @@ def load_model(repository: Path, name: str, metrics: EdgeMetrics, default_max_qu
         threads = threads_override or threads_of(served.config, variant.manifest)
         warm = np.zeros((1, *served.image_shape), dtype=np.float32)
         for _ in range(policy.instances):
-            runner = open_runner(variant.manifest["backend"], variant.model_path,
-                                 variant.manifest["precision"], threads)
+            runner = open_runner(
+                variant.manifest["backend"], variant.model_path, variant.manifest["precision"], threads
+            )
             runners.append(runner)
             runner.infer(warm)  # first inference compiles kernels; keep it off the first request
         served.batcher = ModelBatcher(runners, policy, _observer(metrics, served.labels, served.stats))
@@ -163,9 +169,14 @@ def load_model(repository: Path, name: str, metrics: EdgeMetrics, default_max_qu
     return served
 
 
-def load_repository(repository: Path, metrics: EdgeMetrics, default_max_queue: int = DEFAULT_MAX_QUEUE,
-                    only: list[str] | None = None, threads: int | None = None,
-                    on_loaded: Callable[[ServedModel], None] | None = None) -> dict[str, ServedModel]:
+def load_repository(
+    repository: Path,
+    metrics: EdgeMetrics,
+    default_max_queue: int = DEFAULT_MAX_QUEUE,
+    only: list[str] | None = None,
+    threads: int | None = None,
+    on_loaded: Callable[[ServedModel], None] | None = None,
+) -> dict[str, ServedModel]:
     names = only or list_variants(repository)
     models: dict[str, ServedModel] = {}
     for name in names:

@@ -45,7 +45,7 @@ def split_bytes(raw: bytes, count: int, name: str) -> list[bytes]:
         pos += 4
         if pos + n > len(raw):
             raise invalid(f"input '{name}': BYTES element of {n} bytes runs past the end of the contents")
-        items.append(raw[pos:pos + n])
+        items.append(raw[pos : pos + n])
         pos += n
     if len(items) != count:
         raise invalid(f"input '{name}': shape asks for {count} BYTES elements, contents hold {len(items)}")
@@ -56,8 +56,9 @@ def join_bytes(items: Sequence[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
-def batch_size(shape: Sequence[int], name: str, datatype: str, image_shape: tuple[int, ...],
-               max_batch_size: int) -> int:
+def batch_size(
+    shape: Sequence[int], name: str, datatype: str, image_shape: tuple[int, ...], max_batch_size: int
+) -> int:
     """Check the declared shape; returns N."""
     shape = list(shape)
     if datatype == "BYTES":
@@ -74,8 +75,9 @@ def batch_size(shape: Sequence[int], name: str, datatype: str, image_shape: tupl
     return n
 
 
-def numeric_input(tensor, raw: bytes | None, image_shape: tuple[int, ...], pp: Preprocessing,
-                  max_batch_size: int) -> np.ndarray:
+def numeric_input(
+    tensor, raw: bytes | None, image_shape: tuple[int, ...], pp: Preprocessing, max_batch_size: int
+) -> np.ndarray:
     """FP32 or UINT8 tensor -> float32 NCHW, normalised and finite."""
     name, datatype = tensor.name, tensor.datatype
     n = batch_size(tensor.shape, name, datatype, image_shape, max_batch_size)
@@ -150,8 +152,10 @@ def parse_labels(param, n: int) -> list[int]:
         try:
             values = [int(v) for v in param.string_param.split(",") if v.strip()]
         except ValueError:
-            raise invalid(f"parameter 'label' must be class indices like \"3\" or \"3,7\", got "
-                          f"{param.string_param[:40]!r}") from None
+            raise invalid(
+                f'parameter \'label\' must be class indices like "3" or "3,7", got '
+                f"{param.string_param[:40]!r}"
+            ) from None
     else:
         raise invalid("parameter 'label' must be an integer class index or a comma-separated string of them")
     if len(values) != n:

@@ -1,0 +1,487 @@
+"""`rtq bench serving`: edge server vs real Triton vs the raw runtime, side by side in one run.
+
+Both servers run as their own processes on loopback with the whole repository loaded (that is the
+memory figure); the client is this process, using tritonclient.grpc as users do. Measured:
+  1. top-1 parity: the same labelled images through the offline runner, the edge server, Triton;
+  2. batch-1 latency, interleaved in rounds (raw runtime / edge / Triton) so drift hits all alike;
+  3. closed-loop throughput at rising concurrency; the best rate whose p99 stays within the SLO;
+  4. resident memory of each server process tree; the edge metrics scrape checked against the
+     requests sent (histogram count and success counter).
+Each result carries its own validity verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from serving.errors import RtqError
+from serving.settings import PROJECT_ROOT, default_data_root, default_results_dir
+
+DEFAULT_VARIANT = "efficientnet_lite0-int8-openvino"
+SLO_MS = 33.0
+ROUND = 25
+
+
+def add_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--variant", default=DEFAULT_VARIANT, help="variant under load (default: %(default)s)")
+    sp.add_argument(
+        "--images", type=int, default=200, help="labelled images for the parity check (default: 200)"
+    )
+    sp.add_argument("--latency-runs", type=int, default=300, help="batch-1 runs per target (default: 300)")
+    sp.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8, 16],
+        help="closed-loop client counts (default: 1 2 4 8 16)",
+    )
+    sp.add_argument("--seconds", type=float, default=6.0, help="seconds per concurrency level (default: 6)")
+    sp.add_argument("--slo-ms", type=float, default=SLO_MS, help="p99 bound for max throughput (default: 33)")
+    sp.add_argument("--no-triton", action="store_true", help="edge server and raw runtime only")
+    sp.add_argument("--out", default=str(default_results_dir()), help="results folder (default: %(default)s)")
+
+
+# -- data ---------------------------------------------------------------------------------------
+def labelled_images(data_root: Path | None, n: int) -> list[tuple[Path, str]]:
+    folder = (data_root or default_data_root()) / "imagenet-val"
+    table = folder / "labels.csv"
+    if not table.is_file():
+        raise RtqError(f"no {table}; point --data-root at the folder holding imagenet-val/")
+    with table.open() as f:
+        rows = list(csv.DictReader(f))[:n]
+    return [(folder / r["file"], r["wnid"]) for r in rows]
+
+
+def tensors_for(variant, images: list[tuple[Path, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed FP32 NCHW batch and model label indices, through the variant's own preprocessing."""
+    from serving.models.preprocessing import preprocess
+    from serving.models.zoo import class_wnids
+
+    index = {w: i for i, w in enumerate(class_wnids(variant.manifest["classes"]))}
+    x = np.stack([preprocess(p, variant.preprocessing) for p, _ in images])
+    y = np.asarray([index.get(w, -1) for _, w in images])
+    return x, y
+
+
+# -- clients ------------------------------------------------------------------------------------
+def _client(url: str):
+    import tritonclient.grpc as grpcclient
+
+    return grpcclient.InferenceServerClient(url)
+
+
+def _request(x: np.ndarray):
+    import tritonclient.grpc as grpcclient
+
+    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return [inp]
+
+
+def server_top1(url: str, model: str, x: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+    """Top-1 class per image, one batch-1 request each (labels, if given, go in as a parameter)."""
+    client = _client(url)
+    out = []
+    for i in range(len(x)):
+        params = {"label": int(labels[i])} if labels is not None else None
+        r = client.infer(model, _request(x[i : i + 1]), parameters=params)
+        out.append(int(r.as_numpy("logits").argmax()))
+    client.close()
+    return np.asarray(out)
+
+
+def _pcts(ms: list[float]) -> dict:
+    a = np.asarray(ms)
+    return {
+        "p50": round(float(np.percentile(a, 50)), 3),
+        "p90": round(float(np.percentile(a, 90)), 3),
+        "p99": round(float(np.percentile(a, 99)), 3),
+        "mean": round(float(a.mean()), 3),
+        "n": len(a),
+    }
+
+
+def closed_loop(url: str, model: str, x1: np.ndarray, clients: int, seconds: float) -> dict:
+    """`clients` threads each sending batch-1 requests back to back for `seconds`."""
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    stop = time.monotonic() + seconds
+    warm = time.monotonic() + min(1.0, seconds / 5)
+
+    def worker(i: int) -> None:
+        c = _client(url)
+        req = _request(x1)
+        while True:
+            t0 = time.monotonic()
+            if t0 >= stop:
+                break
+            try:
+                c.infer(model, req)
+            except Exception:  # noqa: BLE001 - counted, the load goes on
+                errors[i] += 1
+                continue
+            if t0 >= warm:
+                lat[i].append(1000 * (time.monotonic() - t0))
+        c.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    all_ms = [v for ls in lat for v in ls]
+    window = seconds - min(1.0, seconds / 5)
+    return {
+        "clients": clients,
+        "throughput_rps": round(len(all_ms) / window, 1),
+        "errors": sum(errors),
+        "latency_ms": _pcts(all_ms) if all_ms else None,
+    }
+
+
+# -- processes ----------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree_memory(pid: int) -> dict:
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    rss = sum(p.memory_info().rss for p in procs)
+    uss = sum(p.memory_full_info().uss for p in procs)
+    return {"processes": len(procs), "rss_mb": round(rss / 2**20, 1), "uss_mb": round(uss / 2**20, 1)}
+
+
+def start_edge(repository: Path, grpc_port: int, metrics_port: int) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "serving.cli",
+        "serve",
+        "--repository",
+        str(repository),
+        "--grpc-port",
+        str(grpc_port),
+        "--metrics-port",
+        str(metrics_port),
+        "--quiet",
+    ]
+    return subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, models: list[str], timeout: float = 300) -> float:
+    start = time.monotonic()
+    client = _client(url)
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise RtqError(
+                f"server exited with code {proc.returncode}: "
+                f"{(proc.stderr.read() if proc.stderr else b'').decode()[-300:]}"
+            )
+        try:
+            if client.is_server_ready() and all(client.is_model_ready(m) for m in models):
+                return time.monotonic() - start
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.3)
+    raise RtqError(f"server at {url} not ready within {timeout:.0f} s")
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            values[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return values
+
+
+def metric(values: dict, name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in values.items() if n == name and all((k, labels[k]) in ls for k in labels))
+
+
+# -- the run ------------------------------------------------------------------------------------
+def run_serving_bench(
+    repository: Path,
+    variant_name: str,
+    data_root: Path | None,
+    out_dir: Path,
+    n_images: int = 200,
+    latency_runs: int = 300,
+    concurrency: tuple[int, ...] = (1, 2, 4, 8),
+    seconds: float = 6.0,
+    slo_ms: float = SLO_MS,
+    triton: bool = True,
+    command: str = "",
+    log=print,
+) -> dict:
+    from serving.repository.build import machine, tool_versions
+    from serving.repository.layout import list_variants, open_variant
+    from serving.runtimes import open_runner
+
+    variant = open_variant(repository, variant_name)
+    all_models = list_variants(repository)
+    x, y = tensors_for(variant, labelled_images(data_root, n_images))
+    runner = open_runner(
+        variant.manifest["backend"],
+        variant.model_path,
+        variant.manifest["precision"],
+        int(variant.manifest.get("threads", 2)),
+    )
+    procs: dict[str, subprocess.Popen] = {}
+    triton_server = None
+    targets: dict[str, str] = {}
+    result: dict = {
+        "benchmark": "serving",
+        "command": command,
+        "variant": variant_name,
+        "repository": str(repository),
+        "models_loaded": all_models,
+    }
+    try:
+        eg, em = free_port(), free_port()
+        log(f"starting edge server with {len(all_models)} variants")
+        procs["edge"] = start_edge(repository, eg, em)
+        targets["edge"] = f"127.0.0.1:{eg}"
+        load_s = {"edge": round(wait_ready(targets["edge"], procs["edge"], all_models), 1)}
+        if triton:
+            from serving.triton.launcher import TritonConfig, TritonServer
+
+            tg = free_port()
+            log("starting tritonserver with the same repository")
+            t0 = time.monotonic()
+            triton_server = TritonServer(
+                TritonConfig(repository, grpc_port=tg, http_port=free_port(), metrics_port=free_port())
+            )
+            triton_server.start(timeout=600)
+            load_s["triton"] = round(time.monotonic() - t0, 1)
+            targets["triton"] = f"127.0.0.1:{tg}"
+            procs["triton"] = triton_server.process
+        result["load_seconds"] = load_s
+        time.sleep(2)  # let start-up work settle before measuring memory
+        result["memory"] = {k: tree_memory(p.pid) for k, p in procs.items()}
+
+        log(f"parity: {len(x)} images through runner, " + ", ".join(targets))
+        ref = np.asarray([int(runner.infer(x[i : i + 1]).argmax()) for i in range(len(x))])
+        parity = {"images": len(x), "runner_top1_acc": round(float((ref == y).mean()), 4)}
+        for name, url in targets.items():
+            got = server_top1(url, variant_name, x, y if name == "edge" else None)
+            parity[f"{name}_identical_top1"] = int((got == ref).sum())
+        result["parity"] = parity
+
+        log(f"batch-1 latency: {latency_runs} runs each, interleaved")
+        x1 = x[:1]
+        clients = {name: _client(url) for name, url in targets.items()}
+        reqs = _request(x1)
+        samples: dict[str, list[float]] = {"raw": [], **{k: [] for k in targets}}
+        for _ in range(20):
+            runner.infer(x1)
+            for c in clients.values():
+                c.infer(variant_name, reqs)
+        done = 0
+        while done < latency_runs:
+            step = min(ROUND, latency_runs - done)
+            for _ in range(step):
+                t0 = time.perf_counter()
+                runner.infer(x1)
+                samples["raw"].append(1000 * (time.perf_counter() - t0))
+            for name, c in clients.items():
+                for _ in range(step):
+                    t0 = time.perf_counter()
+                    c.infer(variant_name, reqs)
+                    samples[name].append(1000 * (time.perf_counter() - t0))
+            done += step
+        result["latency_ms"] = {k: _pcts(v) for k, v in samples.items()}
+        ratio = result["latency_ms"]["edge"]["p50"] / result["latency_ms"]["raw"]["p50"]
+        result["edge_vs_raw_p50"] = round(ratio, 3)
+        runner.close()
+        runner = None
+
+        result["throughput"] = {}
+        for name, url in targets.items():
+            levels = []
+            for c in concurrency:
+                log(f"throughput: {name}, {c} clients, {seconds:.0f} s")
+                levels.append(closed_loop(url, variant_name, x1, c, seconds))
+            ok = [lv for lv in levels if lv["latency_ms"] and lv["latency_ms"]["p99"] <= slo_ms]
+            best = max(ok, key=lambda lv: lv["throughput_rps"]) if ok else None
+            result["throughput"][name] = {
+                "levels": levels,
+                "max_rps_within_slo": best["throughput_rps"] if best else 0.0,
+                "at_clients": best["clients"] if best else None,
+            }
+        if "triton" in targets and result["throughput"]["triton"]["max_rps_within_slo"]:
+            result["edge_vs_triton_throughput"] = round(
+                result["throughput"]["edge"]["max_rps_within_slo"]
+                / result["throughput"]["triton"]["max_rps_within_slo"],
+                3,
+            )
+
+        values = scrape(f"http://127.0.0.1:{em}/metrics")
+        labels = {"model": variant_name}
+        stats = _client(targets["edge"]).get_inference_statistics(variant_name).model_stats[0]
+        result["edge_metrics"] = {
+            "request_histogram_count": metric(values, "rtq_request_duration_seconds_count", **labels),
+            "queue_histogram_count": metric(values, "rtq_queue_duration_seconds_count", **labels),
+            "requests_ok": metric(values, "rtq_requests_total", code="OK", **labels),
+            "requests_failed": metric(values, "rtq_requests_total", **labels)
+            - metric(values, "rtq_requests_total", code="OK", **labels),
+            "server_success_count": stats.inference_stats.success.count,
+            "labelled": metric(values, "rtq_predictions_labelled_total", **labels),
+            "correct": metric(values, "rtq_predictions_correct_total", **labels),
+            "server_side_mean_ms": round(
+                stats.inference_stats.success.ns / max(1, stats.inference_stats.success.count) / 1e6, 3
+            ),
+        }
+    finally:
+        if runner is not None:
+            runner.close()
+        if triton_server is not None:
+            triton_server.stop()
+        if "edge" in procs and procs["edge"].poll() is None:
+            procs["edge"].terminate()
+            procs["edge"].wait(60)
+    m = result["edge_metrics"]
+    reasons = []
+    if m["request_histogram_count"] != m["server_success_count"] + m["requests_failed"]:
+        reasons.append("edge request histogram count differs from requests answered")
+    for name in targets:
+        if result["parity"][f"{name}_identical_top1"] != result["parity"]["images"]:
+            reasons.append(f"{name} top-1 differs from the runner on some images")
+    if latency_runs < 200:
+        reasons.append(f"{latency_runs} latency runs < 200")
+    now = dt.datetime.now(dt.UTC)
+    result |= {
+        "date": now.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "tool_versions": tool_versions(),
+        "settings": {
+            "images": n_images,
+            "latency_runs": latency_runs,
+            "concurrency": list(concurrency),
+            "seconds_per_level": seconds,
+            "slo_p99_ms": slo_ms,
+            "client": "tritonclient.grpc, batch 1, FP32 raw tensors, same machine",
+        },
+        "validity": {"valid": not reasons, "reasons": reasons},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"serving-{now.strftime('%Y%m%d-%H%M%S')}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    stem.with_suffix(".md").write_text(md)
+    log(md)
+    log(f"wrote {stem}.json and {stem}.md")
+    return result
+
+
+def markdown(r: dict) -> str:
+    lat = r["latency_ms"]
+    verdict = "VALID" if r["validity"]["valid"] else "INVALID: " + "; ".join(r["validity"]["reasons"])
+    lines = [
+        f"# Serving benchmark: {r['variant']}",
+        "",
+        f"- command: `{r['command']}`",
+        f"- date: {r['date']}",
+        f"- machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['system']}; "
+        "client and servers share the same cores",
+        f"- client: {r['settings']['client']}; servers loaded with all {len(r['models_loaded'])} variants",
+        f"- validity: {verdict}",
+        "",
+        "## Batch-1 latency (ms, end to end at the client; raw = runtime call in-process)",
+        "",
+        "| target | p50 | p90 | p99 | mean | runs |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for k, v in lat.items():
+        lines.append(
+            f"| {k} | {v['p50']:.2f} | {v['p90']:.2f} | {v['p99']:.2f} | {v['mean']:.2f} | {v['n']} |"
+        )
+    lines += [
+        "",
+        f"Edge p50 / raw runtime p50: **{r['edge_vs_raw_p50']:.2f}x** (target <= 1.15x). "
+        f"Edge server-side mean (ModelStatistics): {r['edge_metrics']['server_side_mean_ms']:.2f} ms.",
+        "",
+        "## Throughput, closed loop, batch-1 requests "
+        f"(max within p99 <= {r['settings']['slo_p99_ms']:.0f} ms)",
+        "",
+        "| server | clients | req/s | p50 ms | p99 ms | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, t in r["throughput"].items():
+        for lv in t["levels"]:
+            lm = lv["latency_ms"] or {"p50": float("nan"), "p99": float("nan")}
+            lines.append(
+                f"| {name} | {lv['clients']} | {lv['throughput_rps']:.0f} | {lm['p50']:.1f} | "
+                f"{lm['p99']:.1f} | {lv['errors']} |"
+            )
+    lines.append("")
+    for name, t in r["throughput"].items():
+        lines.append(
+            f"- {name}: max {t['max_rps_within_slo']:.0f} req/s within the SLO ({t['at_clients']} clients)"
+        )
+    if "edge_vs_triton_throughput" in r:
+        lines.append(f"- edge / Triton: **{r['edge_vs_triton_throughput']:.2f}x** (aim >= 1.3x)")
+    lines += [
+        "",
+        "## Memory with the whole repository loaded",
+        "",
+        "| server | processes | RSS MB | USS MB | load s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, m in r["memory"].items():
+        lines.append(
+            f"| {name} | {m['processes']} | {m['rss_mb']:.0f} | {m['uss_mb']:.0f} | "
+            f"{r['load_seconds'][name]} |"
+        )
+    p = r["parity"]
+    lines += [
+        "",
+        "## Top-1 parity and metrics",
+        "",
+        f"- {p['images']} imagenet-val images: runner top-1 accuracy {p['runner_top1_acc']:.3f}; identical "
+        "top-1 vs runner: "
+        + ", ".join(
+            f"{k.split('_')[0]} {v}/{p['images']}" for k, v in p.items() if k.endswith("identical_top1")
+        ),
+        f"- edge scrape: request histogram count {r['edge_metrics']['request_histogram_count']:.0f}, "
+        f"OK {r['edge_metrics']['requests_ok']:.0f}, failed {r['edge_metrics']['requests_failed']:.0f}, "
+        f"labelled {r['edge_metrics']['labelled']:.0f}, correct {r['edge_metrics']['correct']:.0f}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def bench_main(args: argparse.Namespace, command: str) -> int:
+    run_serving_bench(
+        Path(args.repository),
+        args.variant,
+        args.data_root,
+        Path(args.out),
+        n_images=args.images,
+        latency_runs=args.latency_runs,
+        concurrency=tuple(args.concurrency),
+        seconds=args.seconds,
+        slo_ms=args.slo_ms,
+        triton=not args.no_triton,
+        command=command,
+        log=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)),
+    )
+    return 0

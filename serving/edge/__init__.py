@@ -1,0 +1,1 @@
+"""The lightweight edge gRPC server (KServe v2 / Triton protocol)."""

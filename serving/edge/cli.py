@@ -1,0 +1,114 @@
+"""`rtq serve`: arguments and the foreground run of the edge server (heavy imports happen on use)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: loopback; use 0.0.0.0 only with --token and TLS)",
+    )
+    sp.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default: %(default)s)")
+    sp.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8002,
+        help="Prometheus scrape port (default: %(default)s; -1 disables)",
+    )
+    sp.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        metavar="VARIANT",
+        help="serve only these variants (default: all in the repository)",
+    )
+    sp.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads per instance (default: each config.pbtxt's)",
+    )
+    sp.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="queued requests per model before RESOURCE_EXHAUSTED (default: %(default)s; "
+        "a config's default_queue_policy.max_queue_size wins)",
+    )
+    sp.add_argument(
+        "--max-message-mb",
+        type=float,
+        default=32.0,
+        help="largest request accepted, MiB (default: %(default)s)",
+    )
+    sp.add_argument("--token", default=None, help="require 'authorization: Bearer TOKEN' (visible in ps)")
+    sp.add_argument("--token-file", type=Path, default=None, help="read the bearer token from this file")
+    sp.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain for TLS")
+    sp.add_argument("--tls-key", type=Path, default=None, help="PEM private key for TLS")
+    sp.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        help="seconds in-flight requests get to finish on SIGTERM (default: %(default)s)",
+    )
+    sp.add_argument("--json", action="store_true", help="log startup and model states as JSON lines")
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    from serving.edge.auth import read_token
+    from serving.edge.server import EdgeConfig, EdgeServer
+    from serving.errors import RtqError
+
+    if args.max_message_mb <= 0:
+        raise RtqError("--max-message-mb must be positive")
+    config = EdgeConfig(
+        repository=Path(args.repository),
+        host=args.host,
+        grpc_port=args.grpc_port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        max_queue=args.max_queue,
+        max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+        token=read_token(args.token, args.token_file),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        models=args.models,
+        threads=args.threads,
+        grace_s=args.grace,
+    )
+
+    def say(event: dict, text: str) -> None:
+        if args.json:
+            print(json.dumps(event), flush=True)
+        elif not args.quiet or event.get("event") == "error":
+            print(text, file=sys.stderr, flush=True)
+
+    def on_ready(server: EdgeServer) -> None:
+        metrics = f"http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else "off"
+        say(
+            {
+                "event": "listening",
+                "grpc": f"{config.host}:{server.grpc_port}",
+                "metrics": metrics,
+                "tls": bool(config.tls_cert),
+                "token": bool(config.token),
+            },
+            f"rtq serve: gRPC on {config.host}:{server.grpc_port}, metrics {metrics}; loading models",
+        )
+
+    def on_loaded(m) -> None:
+        state = "READY" if m.ready else "UNAVAILABLE"
+        say(
+            {"event": "model", "name": m.name, "state": state, "reason": m.reason},
+            f"  {m.name}: {state}" + ("" if m.ready else f" ({m.reason})"),
+        )
+
+    server = EdgeServer(config)
+    server.serve(on_ready=on_ready, on_loaded=on_loaded)
+    say({"event": "stopped"}, "rtq serve: drained and stopped")
+    return 0

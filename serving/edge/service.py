@@ -1,0 +1,370 @@
+"""`inference.GRPCInferenceService` (KServe v2, Triton's dialect) on grpc.aio, using tritonclient's protobufs.
+
+The event loop only checks and converts tensors; models compute on their own instance threads
+(serving/edge/batching.py), and image decoding runs in a small thread pool, so one busy model
+never stalls requests to another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+
+from serving import __version__ as rtq_version
+from serving.edge.auth import TokenCheck
+from serving.edge.batching import Expired, ModelStopped, Pending, QueueFull
+from serving.edge.metrics import UNKNOWN, EdgeMetrics
+from serving.edge.models import ServedModel
+from serving.edge.tensors import (
+    RequestError,
+    classification,
+    decode_images,
+    image_bytes,
+    invalid,
+    join_bytes,
+    numeric_input,
+    parse_labels,
+)
+
+SERVICE = "inference.GRPCInferenceService"
+SERVER_NAME = "rtq-edge"
+EXTENSIONS = ("classification", "model_repository", "statistics")
+_NOT_FOUND = grpc.StatusCode.NOT_FOUND
+
+
+class InferenceService:
+    def __init__(
+        self,
+        models: dict[str, ServedModel],
+        metrics: EdgeMetrics,
+        token: TokenCheck,
+        max_message_bytes: int,
+        decode_threads: int = 2,
+    ):
+        self.models = models
+        self.metrics = metrics
+        self.token = token
+        self.max_message_bytes = max_message_bytes
+        self.loading_done = False
+        self.draining = False
+        self._decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _model(self, name: str, version: str, need_ready: bool = True) -> ServedModel:
+        served = self.models.get(name)
+        if served is None:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise RequestError(_NOT_FOUND, f"unknown model '{name}'; this server has: {known}")
+        if version not in ("", served.version):
+            raise RequestError(
+                _NOT_FOUND, f"unknown version '{version}' of model '{name}'; available: {served.version}"
+            )
+        if need_ready and not served.ready:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"model '{name}' is not ready: {served.reason}")
+        return served
+
+    async def _guard(self, context, fn):
+        """Run a non-inference RPC: token check first, RequestError -> gRPC status."""
+        try:
+            self.token.check(context.invocation_metadata())
+            return fn()
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+
+    # -- health and metadata ---------------------------------------------------------------------
+    async def ServerLive(self, request, context):
+        return await self._guard(context, lambda: pb.ServerLiveResponse(live=True))
+
+    async def ServerReady(self, request, context):
+        def ready():
+            ok = self.loading_done and not self.draining and any(m.ready for m in self.models.values())
+            return pb.ServerReadyResponse(ready=ok)
+
+        return await self._guard(context, ready)
+
+    async def ModelReady(self, request, context):
+        def ready():
+            served = self.models.get(request.name)
+            ok = served is not None and served.ready and request.version in ("", served.version)
+            return pb.ModelReadyResponse(ready=ok)
+
+        return await self._guard(context, ready)
+
+    async def ServerMetadata(self, request, context):
+        return await self._guard(
+            context,
+            lambda: pb.ServerMetadataResponse(
+                name=SERVER_NAME, version=rtq_version, extensions=list(EXTENSIONS)
+            ),
+        )
+
+    async def ModelMetadata(self, request, context):
+        def metadata():
+            served = self._model(request.name, request.version)
+            cfg = served.config
+            resp = pb.ModelMetadataResponse(
+                name=served.name, versions=[served.version], platform=cfg.platform or cfg.backend
+            )
+            batch = [-1] if cfg.max_batch_size > 0 else []
+            for t in cfg.input:
+                resp.inputs.add(name=t.name, datatype="FP32", shape=batch + list(t.dims))
+            for t in cfg.output:
+                resp.outputs.add(name=t.name, datatype="FP32", shape=batch + list(t.dims))
+            return resp
+
+        return await self._guard(context, metadata)
+
+    async def ModelConfig(self, request, context):
+        def config():
+            served = self._model(request.name, request.version, need_ready=False)
+            if served.config is None:
+                raise RequestError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"model '{served.name}' has no readable config: {served.reason}",
+                )
+            return pb.ModelConfigResponse(config=served.config)
+
+        return await self._guard(context, config)
+
+    async def RepositoryIndex(self, request, context):
+        def index():
+            resp = pb.RepositoryIndexResponse()
+            for name in sorted(self.models):
+                m = self.models[name]
+                if request.ready and not m.ready:
+                    continue
+                state = "READY" if m.ready else ("LOADING" if m.reason == "loading" else "UNAVAILABLE")
+                resp.models.add(name=name, version=m.version, state=state, reason=m.reason)
+            return resp
+
+        return await self._guard(context, index)
+
+    async def ModelStatistics(self, request, context):
+        def statistics():
+            if request.name:
+                chosen = [self._model(request.name, request.version, need_ready=False)]
+            else:
+                chosen = [self.models[n] for n in sorted(self.models)]
+            resp = pb.ModelStatisticsResponse()
+            for m in chosen:
+                s = m.stats
+                with s.lock:
+                    ms = resp.model_stats.add(
+                        name=m.name,
+                        version=m.version,
+                        last_inference=s.last_inference_ms,
+                        inference_count=s.inference_count,
+                        execution_count=s.execution_count,
+                    )
+                    st = ms.inference_stats
+                    st.success.count, st.success.ns = s.success_count, s.success_ns
+                    st.fail.count, st.fail.ns = s.fail_count, s.fail_ns
+                    st.queue.count, st.queue.ns = s.queue_count, s.queue_ns
+                    st.compute_infer.count, st.compute_infer.ns = s.infer_count, s.infer_ns
+            return resp
+
+        return await self._guard(context, statistics)
+
+    # -- inference -------------------------------------------------------------------------------
+    async def ModelInfer(self, raw: bytes, context):
+        start = time.monotonic()
+        served: ServedModel | None = None
+        labels = UNKNOWN
+        code = grpc.StatusCode.OK
+        inflight = None
+        try:
+            self.token.check(context.invocation_metadata())
+            if len(raw) > self.max_message_bytes:
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"request of {len(raw)} bytes is above this server's limit of "
+                    f"{self.max_message_bytes} bytes; send fewer images per request",
+                )
+            try:
+                request = pb.ModelInferRequest.FromString(raw)
+            except Exception:  # noqa: BLE001 - protobuf's DecodeError type varies by implementation
+                raise invalid("request is not a valid ModelInferRequest message") from None
+            if self.draining:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            served = self._model(request.model_name, request.model_version)
+            labels = served.labels
+            inflight = self.metrics.inflight.labels(*labels)
+            inflight.inc()
+            response = await self._infer(served, request, context, start)
+            return response
+        except RequestError as exc:
+            code = exc.code
+            await context.abort(exc.code, exc.message)
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            code = (
+                grpc.StatusCode.DEADLINE_EXCEEDED
+                if remaining is not None and remaining <= 0
+                else grpc.StatusCode.CANCELLED
+            )
+            raise
+        finally:
+            if inflight is not None:
+                inflight.dec()
+            self.metrics.count(labels, code.name)
+            if served is not None:
+                elapsed = time.monotonic() - start
+                self.metrics.request_seconds.labels(*labels).observe(elapsed)
+                with served.stats.lock:
+                    if code == grpc.StatusCode.OK:
+                        served.stats.success_count += 1
+                        served.stats.success_ns += int(elapsed * 1e9)
+                    else:
+                        served.stats.fail_count += 1
+                        served.stats.fail_ns += int(elapsed * 1e9)
+
+    async def _infer(self, served: ServedModel, request, context, start: float):
+        cfg = served.config
+        names = [t.name for t in request.inputs]
+        if served.input_name not in names or len(names) != 1:
+            raise invalid(
+                f"model '{served.name}' takes exactly one input '{served.input_name}'; "
+                f"request has {names or 'none'}"
+            )
+        tensor = request.inputs[0]
+        raws = request.raw_input_contents
+        if raws and len(raws) != len(request.inputs):
+            raise invalid(f"{len(raws)} raw_input_contents for {len(request.inputs)} inputs")
+        raw = raws[0] if raws else None
+        max_batch = max(1, cfg.max_batch_size)
+        if tensor.datatype in ("FP32", "UINT8"):
+            batch = numeric_input(tensor, raw, served.image_shape, served.preprocessing, max_batch)
+        elif tensor.datatype == "BYTES":
+            images = image_bytes(tensor, raw, max_batch)
+            loop = asyncio.get_running_loop()
+            batch = await loop.run_in_executor(
+                self._decode_pool, decode_images, images, served.preprocessing, tensor.name
+            )
+        else:
+            raise invalid(
+                f"input '{tensor.name}': datatype {tensor.datatype or 'missing'} is not "
+                "supported; send FP32 or UINT8 [N, 3, H, W] tensors or BYTES encoded images"
+            )
+        n = int(batch.shape[0])
+        truth = parse_labels(request.parameters["label"], n) if "label" in request.parameters else None
+        outputs = self._requested_outputs(served, request)
+
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        if deadline is not None and remaining <= 0:
+            raise RequestError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was queued"
+            )
+        logits = await self._submit(served, batch, deadline, start)
+
+        if truth is not None:
+            top1 = logits.argmax(axis=1)
+            self.metrics.labelled.labels(*served.labels).inc(n)
+            self.metrics.correct.labels(*served.labels).inc(int(np.sum(top1 == np.asarray(truth))))
+        response = pb.ModelInferResponse(model_name=served.name, model_version=served.version, id=request.id)
+        for name, k in outputs:
+            if k:
+                items = classification(logits, k, served.class_names)
+                response.outputs.add(name=name, datatype="BYTES", shape=[n, min(k, logits.shape[1])])
+                response.raw_output_contents.append(join_bytes(items))
+            else:
+                response.outputs.add(name=name, datatype="FP32", shape=list(logits.shape))
+                response.raw_output_contents.append(np.ascontiguousarray(logits, dtype="<f4").tobytes())
+        return response
+
+    @staticmethod
+    def _requested_outputs(served: ServedModel, request) -> list[tuple[str, int]]:
+        """(name, top-k or 0 for raw logits) per requested output; all outputs as logits by default."""
+        known = [o.name for o in served.config.output]
+        if not request.outputs:
+            return [(n, 0) for n in known]
+        chosen = []
+        for out in request.outputs:
+            if out.name not in known:
+                raise invalid(f"unknown output '{out.name}'; model '{served.name}' has {known}")
+            k = 0
+            if "classification" in out.parameters:
+                k = int(out.parameters["classification"].int64_param)
+                if k < 1:
+                    raise invalid(f"output '{out.name}': classification count must be >= 1, got {k}")
+            chosen.append((out.name, k))
+        return chosen
+
+    async def _submit(self, served: ServedModel, batch: np.ndarray, deadline: float | None, start: float):
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def settle(result, exc) -> None:
+            if not future.done():
+                if exc is not None:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+
+        def done(result, exc) -> None:  # called on an instance thread
+            loop.call_soon_threadsafe(settle, result, exc)
+
+        try:
+            served.batcher.submit(Pending(batch, deadline, done))
+        except QueueFull:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"model '{served.name}' queue is full ({served.batcher.policy.max_queue_size} "
+                "requests); retry with backoff or add instances",
+            ) from None
+        except ModelStopped:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down") from None
+        try:
+            return await future
+        except Expired:
+            waited = 1000 * (time.monotonic() - start)
+            raise RequestError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"deadline passed after {waited:.1f} ms in the queue; dropped before compute",
+            ) from None
+        except ModelStopped:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down") from None
+        except RequestError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - runtime failure of this batch
+            raise RequestError(
+                grpc.StatusCode.INTERNAL, f"inference failed: {str(exc).strip().splitlines()[0][:200]}"
+            ) from None
+
+    def close(self) -> None:
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def generic_handler(service: InferenceService) -> grpc.GenericRpcHandler:
+    """Method table for the service. ModelInfer takes raw bytes so the size limit is ours to answer."""
+
+    def unary(fn, req, resp):
+        return grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+        )
+
+    methods = {
+        "ServerLive": unary(service.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
+        "ServerReady": unary(service.ServerReady, pb.ServerReadyRequest, pb.ServerReadyResponse),
+        "ModelReady": unary(service.ModelReady, pb.ModelReadyRequest, pb.ModelReadyResponse),
+        "ServerMetadata": unary(service.ServerMetadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+        "ModelMetadata": unary(service.ModelMetadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+        "ModelConfig": unary(service.ModelConfig, pb.ModelConfigRequest, pb.ModelConfigResponse),
+        "ModelStatistics": unary(
+            service.ModelStatistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse
+        ),
+        "RepositoryIndex": unary(
+            service.RepositoryIndex, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse
+        ),
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(
+            service.ModelInfer,
+            request_deserializer=None,
+            response_serializer=pb.ModelInferResponse.SerializeToString,
+        ),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE, methods)

@@ -1,0 +1,1 @@
+"""Running the real (slim) Triton on our model repository."""
