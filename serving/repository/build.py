@@ -27,14 +27,13 @@ from serving.export.onnx_export import (
     INPUT_NAME,
     ONNX_OPSET,
     OUTPUT_NAME,
-    convert_fp16,
     export_onnx,
 )
 from serving.models.zoo import LoadedModel, class_names, class_wnids, create_model
 from serving.repository import layout
+from serving.repository.recipes import RECIPES, file_bytes
 from serving.repository.spec import BuildSpec, ModelEntry, variant_name
-from serving.repository.triton_config import LABELS_FILE, MODEL_FILES, native_config, to_text
-from serving.repository.weight_stats import onnx_weight_stats, openvino_weight_stats
+from serving.repository.triton_config import LABELS_FILE, native_config, to_text
 from serving.runtimes import open_runner
 from serving.settings import PROJECT_ROOT
 
@@ -90,40 +89,6 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform()}
 
 
-def file_bytes(model_path: Path) -> int:
-    files = [model_path] + ([model_path.with_suffix(".bin")] if model_path.suffix == ".xml" else [])
-    return sum(f.stat().st_size for f in files)
-
-
-def _make_files(work: ModelWork, precision: str, backend: str, dst: Path) -> None:
-    """Write the variant's model file(s) as dst (model.onnx or model.xml + model.bin)."""
-    if backend == "onnxruntime":
-        if precision == "fp32":
-            shutil.copyfile(work.onnx_fp32(), dst)
-        elif precision == "fp16":
-            convert_fp16(work.onnx_fp32(), dst)
-        else:
-            from serving.quantize.int8_onnxruntime import quantize_int8
-
-            quantize_int8(work.onnx_fp32(), dst, work.calibration, INPUT_NAME)
-        return
-    from serving.export.openvino_export import save_ir, to_ir_model
-
-    if precision == "int8":
-        from serving.quantize.int8_openvino import quantize_int8
-
-        save_ir(quantize_int8(to_ir_model(work.onnx_fp32()), work.calibration), dst)
-    else:
-        save_ir(to_ir_model(work.onnx_fp32()), dst, fp16_weights=precision == "fp16")
-
-
-QUANTIZERS = {
-    "onnxruntime": "onnxruntime.quantization.quantize_static: QDQ, per-channel s8 weights, "
-    "u8 activations, MinMax",
-    "openvino": "nncf.quantize: preset mixed, fast bias correction",
-}
-
-
 def build_variant(
     work: ModelWork,
     precision: str,
@@ -137,13 +102,14 @@ def build_variant(
     name = variant_name(work.loaded.spec.name, precision, backend)
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=repository))
     try:
-        model_file = staging / layout.VERSION / MODEL_FILES[backend]
+        recipe = RECIPES[backend]
+        model_file = staging / layout.VERSION / recipe.model_file
         model_file.parent.mkdir(parents=True)
         log(f"{name}: writing {model_file.name}")
-        _make_files(work, precision, backend, model_file)
-        fp32_file = work.onnx_fp32() if backend == "onnxruntime" else work.ir_fp32()
-        stats = (onnx_weight_stats if backend == "onnxruntime" else openvino_weight_stats)(model_file)
-        size = file_bytes(model_file)
+        recipe.make(work, precision, model_file)
+        fp32_bytes = file_bytes(backend, recipe.fp32_file(work))
+        stats = recipe.weight_stats(model_file)
+        size = file_bytes(backend, model_file)
         pp = work.loaded.spec.preprocessing
         with open_runner(backend, model_file, precision, spec.threads) as runner:
             execution = runner.execution_precision
@@ -176,12 +142,12 @@ def build_variant(
             "execution_precision": execution,
             "model_file": model_file.name,
             "onnx_opset": ONNX_OPSET,
-            "quantization": QUANTIZERS[backend] if precision == "int8" else None,
+            "quantization": recipe.int8_method if precision == "int8" else None,
             "weight_bits": round(stats.bits_per_weight, 3),
             "weight_params": stats.params,
             "file_bytes": size,
-            "fp32_file_bytes": file_bytes(fp32_file),
-            "compression_vs_fp32": round(file_bytes(fp32_file) / size, 3),
+            "fp32_file_bytes": fp32_bytes,
+            "compression_vs_fp32": round(fp32_bytes / size, 3),
             "top1": {k: a.top1 for k, a in acc.items()},
             "top5": {k: a.top5 for k, a in acc.items()},
             "top1_ci95": {k: a.top1_ci95 for k, a in acc.items()},

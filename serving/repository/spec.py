@@ -10,7 +10,7 @@ import yaml
 
 from serving.errors import RtqError
 from serving.models.zoo import get_spec
-from serving.runtimes import BACKENDS
+from serving.repository.recipes import RECIPES
 from serving.settings import PROJECT_ROOT
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -79,10 +79,18 @@ def parse_spec(data: object, source: str = "<inline>") -> BuildSpec:
                 precisions=_names(
                     m.get("precisions", ModelEntry.precisions), PRECISIONS, "precisions", where
                 ),
-                backends=_names(m.get("backends", ModelEntry.backends), tuple(BACKENDS), "backends", where),
+                backends=_names(m.get("backends", ModelEntry.backends), tuple(RECIPES), "backends", where),
                 weights=m.get("weights"),
             )
         )
+    for e in entries:
+        for b in e.backends:
+            unsupported = [p for p in e.precisions if p not in RECIPES[b].precisions]
+            if unsupported:
+                raise RtqError(
+                    f"spec {source}: backend {b} does not build {unsupported}; it builds "
+                    f"{list(RECIPES[b].precisions)}"
+                )
     spec = BuildSpec(
         models=tuple(entries),
         **{k: v for k, v in top.items() if k != "models"},

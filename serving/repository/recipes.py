@@ -1,0 +1,89 @@
+"""How each backend turns the FP32 export into its variant files: one recipe per backend.
+
+A new backend adds one `Recipe` here (its own export/quantize code lives in serving/export and
+serving/quantize); `rtq build`, the spec checker and the manifest all read from this table.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from serving.repository.weight_stats import WeightStats, onnx_weight_stats, openvino_weight_stats
+
+
+class Sources(Protocol):
+    """What every recipe may draw on (built lazily, shared by all variants of one model)."""
+
+    calibration: np.ndarray | None
+
+    def onnx_fp32(self) -> Path: ...
+
+    def ir_fp32(self) -> Path: ...
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model_file: str
+    precisions: tuple[str, ...]
+    make: Callable[[Sources, str, Path], None]  # (sources, precision, destination file)
+    fp32_file: Callable[[Sources], Path]  # the FP32 file of this backend, for compression ratios
+    weight_stats: Callable[[Path], WeightStats]
+    int8_method: str
+    extra_files: Callable[[Path], list[Path]] = lambda p: []
+
+
+def _onnxruntime(src: Sources, precision: str, dst: Path) -> None:
+    if precision == "fp32":
+        shutil.copyfile(src.onnx_fp32(), dst)
+    elif precision == "fp16":
+        from serving.export.onnx_export import convert_fp16
+
+        convert_fp16(src.onnx_fp32(), dst)
+    else:
+        from serving.export.onnx_export import INPUT_NAME
+        from serving.quantize.int8_onnxruntime import quantize_int8
+
+        quantize_int8(src.onnx_fp32(), dst, src.calibration, INPUT_NAME)
+
+
+def _openvino(src: Sources, precision: str, dst: Path) -> None:
+    from serving.export.openvino_export import save_ir, to_ir_model
+
+    if precision == "int8":
+        from serving.quantize.int8_openvino import quantize_int8
+
+        save_ir(quantize_int8(to_ir_model(src.onnx_fp32()), src.calibration), dst)
+    else:
+        save_ir(to_ir_model(src.onnx_fp32()), dst, fp16_weights=precision == "fp16")
+
+
+RECIPES: dict[str, Recipe] = {
+    "onnxruntime": Recipe(
+        model_file="model.onnx",
+        precisions=("fp32", "fp16", "int8"),
+        make=_onnxruntime,
+        fp32_file=lambda src: src.onnx_fp32(),
+        weight_stats=onnx_weight_stats,
+        int8_method="onnxruntime.quantization.quantize_static: QDQ, per-channel s8 weights, "
+        "u8 activations, MinMax",
+    ),
+    "openvino": Recipe(
+        model_file="model.xml",
+        precisions=("fp32", "fp16", "int8"),
+        make=_openvino,
+        fp32_file=lambda src: src.ir_fp32(),
+        weight_stats=openvino_weight_stats,
+        int8_method="nncf.quantize: preset mixed, fast bias correction",
+        extra_files=lambda p: [p.with_suffix(".bin")],
+    ),
+}
+
+
+def file_bytes(backend: str, model_path: Path) -> int:
+    return sum(f.stat().st_size for f in [model_path, *RECIPES[backend].extra_files(model_path)])
