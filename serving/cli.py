@@ -95,6 +95,10 @@ def cmd_variants(args: argparse.Namespace) -> int:
 
     repo = Path(args.repository)
     manifests = [read_manifest(repo / n) for n in list_variants(repo)]
+    if args.report and manifests:
+        from serving.repository.report import write_variants_report
+
+        write_variants_report(manifests, Path(args.report), _command_line())
     if args.json:
         print(json.dumps(manifests, indent=2))
     elif not manifests:
@@ -145,10 +149,6 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
 def cmd_serve(args: argparse.Namespace) -> int:
     from serving.edge.cli import serve_main
 
@@ -167,6 +167,10 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
     return bench_main(args, _command_line())
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
@@ -214,6 +218,8 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("variants", help="list the repository's variants with their measured facts")
     sp.add_argument("--json", action="store_true", help="print the manifests as JSON")
+    sp.add_argument("--report", default=None, metavar="DIR",
+                    help="also write the table as JSON + Markdown into DIR (e.g. benchmarks/results)")
     common(sp, data=False)
     sp.set_defaults(func=cmd_variants)
 
@@ -248,12 +254,6 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=str(default_results_dir()), help="results folder (default: %(default)s)")
     common(sp, data=False)
     sp.set_defaults(func=cmd_bench_offline)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
 
     from serving.bench.serving_bench import add_arguments as bench_serving_args
     from serving.edge.cli import add_arguments as serve_args
@@ -273,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     bench_serving_args(sp)
     common(sp)
     sp.set_defaults(func=cmd_bench_serving)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
         return args.func(args)
     except RtqError as exc:
         print(f"rtq: error: {exc}", file=sys.stderr)
