@@ -173,6 +173,8 @@ class InferenceService:
     # -- inference -------------------------------------------------------------------------------
     async def ModelInfer(self, raw: bytes, context):
         start = time.monotonic()
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else start + remaining
         served: ServedModel | None = None
         labels = UNKNOWN
         code = grpc.StatusCode.OK
@@ -195,18 +197,15 @@ class InferenceService:
             labels = served.labels
             inflight = self.metrics.inflight.labels(*labels)
             inflight.inc()
-            response = await self._infer(served, request, context, start)
+            response = await self._infer(served, request, deadline, start)
             return response
         except RequestError as exc:
             code = exc.code
             await context.abort(exc.code, exc.message)
         except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            code = (
-                grpc.StatusCode.DEADLINE_EXCEEDED
-                if remaining is not None and remaining <= 0
-                else grpc.StatusCode.CANCELLED
-            )
+            # gRPC cancels the handler when the client's deadline passes or the client goes away.
+            expired = deadline is not None and time.monotonic() >= deadline - 0.002
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         finally:
             if inflight is not None:
@@ -223,7 +222,7 @@ class InferenceService:
                         served.stats.fail_count += 1
                         served.stats.fail_ns += int(elapsed * 1e9)
 
-    async def _infer(self, served: ServedModel, request, context, start: float):
+    async def _infer(self, served: ServedModel, request, deadline: float | None, start: float):
         cfg = served.config
         names = [t.name for t in request.inputs]
         if served.input_name not in names or len(names) != 1:
@@ -254,9 +253,7 @@ class InferenceService:
         truth = parse_labels(request.parameters["label"], n) if "label" in request.parameters else None
         outputs = self._requested_outputs(served, request)
 
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        if deadline is not None and remaining <= 0:
+        if deadline is not None and time.monotonic() >= deadline:
             raise RequestError(
                 grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was queued"
             )
