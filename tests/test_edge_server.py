@@ -315,7 +315,10 @@ def test_png_bytes_and_stop_drains_in_flight(small_repository, data_root):
     assert c.infer(FP32_OV, [inp]).as_numpy("logits").shape == (1, 1000)
     big = fp32_input(np.zeros((8, 3, 224, 224), np.float32))
     out = fire(c, FP32_OV, big, 6)
-    time.sleep(0.05)
+    lab = dict(model=FP32_OV, precision="fp32", backend="openvino")
+    deadline = time.monotonic() + 30
+    while value(scrape(srv.metrics_port), "rtq_inflight_requests", **lab) < 6 and time.monotonic() < deadline:
+        time.sleep(0.005)
     stopper = threading.Thread(target=srv.stop)
     stopper.start()
     stopper.join(60)

@@ -177,8 +177,9 @@ class InferenceService:
         deadline = None if remaining is None else start + remaining
         served: ServedModel | None = None
         labels = UNKNOWN
-        code = grpc.StatusCode.OK
         inflight = None
+        # Recorded before the status goes out, so a scrape right after any answer already counts it.
+        code: grpc.StatusCode | None = None
         try:
             self.token.check(context.invocation_metadata())
             if len(raw) > self.max_message_bytes:
@@ -191,36 +192,50 @@ class InferenceService:
                 request = pb.ModelInferRequest.FromString(raw)
             except Exception:  # noqa: BLE001 - protobuf's DecodeError type varies by implementation
                 raise invalid("request is not a valid ModelInferRequest message") from None
-            if self.draining:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            known = self.models.get(request.model_name)
+            if known is not None:  # count failures of a known model (e.g. bad version) under its labels
+                labels = known.labels
             served = self._model(request.model_name, request.model_version)
             labels = served.labels
             inflight = self.metrics.inflight.labels(*labels)
             inflight.inc()
             response = await self._infer(served, request, deadline, start)
+            code = grpc.StatusCode.OK
+            self._record(served, labels, code, start, inflight)
             return response
         except RequestError as exc:
             code = exc.code
+            self._record(served, labels, code, start, inflight)
             await context.abort(exc.code, exc.message)
         except asyncio.CancelledError:
             # gRPC cancels the handler when the client's deadline passes or the client goes away.
             expired = deadline is not None and time.monotonic() >= deadline - 0.002
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            self._record(served, labels, code, start, inflight)
             raise
-        finally:
-            if inflight is not None:
-                inflight.dec()
-            self.metrics.count(labels, code.name)
-            if served is not None:
-                elapsed = time.monotonic() - start
-                self.metrics.request_seconds.labels(*labels).observe(elapsed)
-                with served.stats.lock:
-                    if code == grpc.StatusCode.OK:
-                        served.stats.success_count += 1
-                        served.stats.success_ns += int(elapsed * 1e9)
-                    else:
-                        served.stats.fail_count += 1
-                        served.stats.fail_ns += int(elapsed * 1e9)
+        except Exception:
+            if code is None:
+                code = grpc.StatusCode.INTERNAL
+                self._record(served, labels, code, start, inflight)
+            raise
+
+    def _record(
+        self, served: ServedModel | None, labels, code: grpc.StatusCode, start: float, inflight
+    ) -> None:
+        if inflight is not None:
+            inflight.dec()
+        self.metrics.count(labels, code.name)
+        if served is None:
+            return
+        elapsed = time.monotonic() - start
+        self.metrics.request_seconds.labels(*labels).observe(elapsed)
+        with served.stats.lock:
+            if code == grpc.StatusCode.OK:
+                served.stats.success_count += 1
+                served.stats.success_ns += int(elapsed * 1e9)
+            else:
+                served.stats.fail_count += 1
+                served.stats.fail_ns += int(elapsed * 1e9)
 
     async def _infer(self, served: ServedModel, request, deadline: float | None, start: float):
         cfg = served.config
