@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -21,6 +21,8 @@ class Sources(Protocol):
     """What every recipe may draw on (built lazily, shared by all variants of one model)."""
 
     calibration: np.ndarray | None
+    loaded: Any  # serving.models.zoo.LoadedModel: converters that start from PyTorch (litert)
+    workdir: Path  # scratch folder shared by the variants of one model
 
     def onnx_fp32(self) -> Path: ...
 
@@ -63,6 +65,38 @@ def _openvino(src: Sources, precision: str, dst: Path) -> None:
         save_ir(to_ir_model(src.onnx_fp32()), dst, fp16_weights=precision == "fp16")
 
 
+def _litert_fp32(src: Sources) -> Path:
+    from serving.export.litert_export import export_float_tflite
+
+    # litert-torch converts the PyTorch module itself (NHWC input), not the ONNX export; once per model.
+    path = src.workdir / "fp32.tflite"
+    return path if path.is_file() else export_float_tflite(src.loaded, path)
+
+
+def _litert(src: Sources, precision: str, dst: Path) -> None:
+    from serving.export.litert_export import build_litert
+
+    build_litert(src.loaded, precision, dst, src.calibration, _litert_fp32(src))
+
+
+def _tensorrt(src: Sources, precision: str, dst: Path) -> None:
+    from serving.export.tensorrt_export import build_engine_for_recipe
+
+    build_engine_for_recipe(src.onnx_fp32(), precision, dst, src.calibration)
+
+
+def _tflite_stats(path: Path) -> WeightStats:
+    from serving.export.litert_export import tflite_weight_stats
+
+    return tflite_weight_stats(path)
+
+
+def _plan_stats(path: Path) -> WeightStats:
+    from serving.export.tensorrt_export import plan_weight_stats
+
+    return plan_weight_stats(path)
+
+
 RECIPES: dict[str, Recipe] = {
     "onnxruntime": Recipe(
         model_file="model.onnx",
@@ -81,6 +115,24 @@ RECIPES: dict[str, Recipe] = {
         weight_stats=openvino_weight_stats,
         int8_method="nncf.quantize: preset mixed, fast bias correction",
         extra_files=lambda p: [p.with_suffix(".bin")],
+    ),
+    "litert": Recipe(
+        model_file="model.tflite",
+        precisions=("fp32", "int8"),
+        make=_litert,
+        fp32_file=_litert_fp32,
+        weight_stats=_tflite_stats,
+        int8_method="litert-torch FP32 .tflite, then ai-edge-quantizer static_wi8_ai8: per-channel s8 "
+        "weights, s8 activations, int8 input (pixel-128) and output; Edge TPU-ready",
+    ),
+    "tensorrt": Recipe(
+        model_file="model.plan",
+        precisions=("fp32", "fp16", "int8"),
+        make=_tensorrt,
+        fp32_file=lambda src: src.onnx_fp32(),
+        weight_stats=_plan_stats,
+        int8_method="explicit quantization: ORT QDQ with symmetric s8 weights and activations, "
+        "built by the TensorRT builder with the INT8 flag",
     ),
 }
 

@@ -11,6 +11,8 @@ from serving.runtimes.base import Runner
 BACKENDS = {
     "onnxruntime": ("serving.runtimes.onnxruntime_runner", "OnnxRuntimeRunner"),
     "openvino": ("serving.runtimes.openvino_runner", "OpenVinoRunner"),
+    "tensorrt": ("serving.runtimes.tensorrt_runner", "TensorRtRunner"),
+    "litert": ("serving.runtimes.litert_runner", "LiteRtRunner"),
 }
 
 
