@@ -239,8 +239,12 @@ def test_deadline_expired_in_queue_is_dropped_before_compute(server):
     before = c.get_inference_statistics(FP32_OV).model_stats[0].inference_count
     metrics_before = scrape(server.metrics_port)
     big = fp32_input(np.zeros((8, 3, 224, 224), np.float32))
+    lab = dict(model=FP32_OV, precision="fp32", backend="openvino")
     out = fire(c, FP32_OV, big, 16)  # 16 batches of 8 ahead in the queue
-    time.sleep(0.02)
+    # Wait until the backlog is parsed and queued, so the next request surely reaches the server.
+    deadline = time.monotonic() + 30
+    while value(scrape(server.metrics_port), "rtq_queue_depth", **lab) < 12 and time.monotonic() < deadline:
+        time.sleep(0.002)
     with pytest.raises(InferenceServerException) as exc:
         c.infer(FP32_OV, fp32_input(np.ones((1, 3, 224, 224), np.float32)), client_timeout=0.25)
     assert "DEADLINE" in str(exc.value.status()) or "Deadline" in str(exc.value)
@@ -250,7 +254,6 @@ def test_deadline_expired_in_queue_is_dropped_before_compute(server):
     c.close()
     assert not [e for _, e, _ in out if e]
     assert after - before == 16 * 8  # the expired image never reached the runtime
-    lab = dict(model=FP32_OV, precision="fp32", backend="openvino")
     m = scrape(server.metrics_port)
     assert value(m, "rtq_requests_total", code="DEADLINE_EXCEEDED", **lab) - value(
         metrics_before, "rtq_requests_total", code="DEADLINE_EXCEEDED", **lab) == 1

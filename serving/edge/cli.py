@@ -108,6 +108,15 @@ def serve_main(args: argparse.Namespace) -> int:
             f"  {m.name}: {state}" + ("" if m.ready else f" ({m.reason})"),
         )
 
+    if (
+        not config.host.startswith("127.")
+        and config.host != "localhost"
+        and not (config.token and config.tls_cert)
+    ):
+        say(
+            {"event": "warning", "text": "non-loopback bind without --token and TLS"},
+            f"rtq serve: warning: listening on {config.host} without both a token and TLS",
+        )
     server = EdgeServer(config)
     server.serve(on_ready=on_ready, on_loaded=on_loaded)
     say({"event": "stopped"}, "rtq serve: drained and stopped")
