@@ -105,7 +105,10 @@ def numeric_input(
             arr = np.asarray(typed, dtype=np.float32).reshape(shape)
     if datatype == "UINT8":
         return normalize(arr, pp)
-    if not np.isfinite(arr).all():
+    flat = arr.reshape(-1)
+    # A dot product is NaN/Inf whenever any element is (and ~4x cheaper than isfinite().all());
+    # only then, or on overflow of huge finite values, is the exact element-wise check run.
+    if not np.isfinite(np.dot(flat, flat)) and not np.isfinite(arr).all():
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         raise invalid(f"input '{name}': {bad} NaN or Inf values; inputs must be finite")
     return arr
