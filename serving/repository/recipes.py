@@ -80,8 +80,9 @@ def _litert(src: Sources, precision: str, dst: Path) -> None:
 
 
 def _tensorrt(src: Sources, precision: str, dst: Path) -> None:
-    from serving.export.tensorrt_export import build_engine_for_recipe
+    from serving.export.tensorrt_export import build_engine_for_recipe, require_tensorrt_gpu
 
+    require_tensorrt_gpu()  # a clear RtqError before any export work where TensorRT or the GPU is missing
     build_engine_for_recipe(src.onnx_fp32(), precision, dst, src.calibration)
 
 
