@@ -344,9 +344,71 @@ def quantize_full_int8(
     result = q.quantize(qsv, enable_progress_report=False)
     dst.parent.mkdir(parents=True, exist_ok=True)
     result.export_model(str(dst), overwrite=True)
+    repair_bias_overflow(dst, float_tflite)
     info = inspect_tflite(dst)
     require_fully_integer(info, "the LiteRT int8 variant")
     return dst
+
+
+def _array(buf, dtype) -> np.ndarray:
+    return np.frombuffer(bytes(buf.data), dtype=dtype).copy()
+
+
+def repair_bias_overflow(quantized: Path, float_tflite: Path) -> int:
+    """Fix channels whose int32 bias overflowed; returns how many channels were fixed.
+
+    Lite0 has nearly dead output channels (BN-folded weights ~1e-8, 103 channels in its early
+    layers). ai-edge-quantizer gives them a weight scale so small that bias / (input scale * weight
+    scale) exceeds int32 and the cast leaves INT32_MIN, i.e. the channel is pinned to the activation
+    floor. In Lite0 their biases are negative, so ReLU6 gives 0 either way (outputs are bit-identical
+    after the repair); a positive bias would be silently zeroed. For those channels the weight scale
+    is raised until the bias fits (|bias_q| <= 2^24) and the weights are re-quantized from the float
+    file: they round to ~0, which is what they are.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+    q = fbu.read_model_from_bytearray(bytearray(quantized.read_bytes()))
+    f = fbu.read_model_from_bytearray(bytearray(float_tflite.read_bytes()))
+    qg, fg = q.subgraphs[0], f.subgraphs[0]
+    if len(qg.operators) != len(fg.operators):
+        raise RtqError(f"{quantized} and {float_tflite} differ in op count; cannot map biases back")
+    weighted = {schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D}
+    limit = float(2**30)
+    repaired = 0
+    for qop, fop in zip(qg.operators, fg.operators, strict=True):
+        code = q.operatorCodes[qop.opcodeIndex]
+        if max(code.builtinCode, code.deprecatedBuiltinCode) not in weighted or len(qop.inputs) < 3:
+            continue
+        if qop.inputs[2] < 0:
+            continue
+        x, w, bias = (qg.tensors[i] for i in qop.inputs[:3])
+        if bias.type != schema.TensorType.INT32 or w.type != schema.TensorType.INT8:
+            continue
+        fbias = _array(f.buffers[fg.tensors[fop.inputs[2]].buffer], np.float32)
+        in_scale = float(x.quantization.scale[0])
+        w_scales = np.asarray(w.quantization.scale, dtype=np.float64)
+        over = np.flatnonzero(np.abs(fbias) / (in_scale * w_scales) > limit)
+        if not len(over):
+            continue
+        axis = int(w.quantization.quantizedDimension)
+        fw = np.moveaxis(
+            _array(f.buffers[fg.tensors[fop.inputs[1]].buffer], np.float32).reshape(w.shape), axis, 0
+        )
+        qw = np.moveaxis(_array(q.buffers[w.buffer], np.int8).reshape(w.shape), axis, 0).copy()
+        qb = _array(q.buffers[bias.buffer], np.int32)
+        w_scales[over] = np.maximum(w_scales[over], np.abs(fbias[over]) / (in_scale * 2**24))
+        for c in over:
+            qw[c] = np.clip(np.round(fw[c] / w_scales[c]), -127, 127).astype(np.int8)
+            qb[c] = int(np.round(fbias[c] / (in_scale * w_scales[c])))
+        q.buffers[w.buffer].data = np.ascontiguousarray(np.moveaxis(qw, 0, axis)).view(np.uint8).ravel()
+        q.buffers[bias.buffer].data = qb.view(np.uint8)
+        w.quantization.scale = w_scales.astype(np.float32).tolist()
+        bias.quantization.scale = (in_scale * w_scales).astype(np.float32).tolist()
+        repaired += len(over)
+    if repaired:
+        quantized.write_bytes(bytes(fbu.convert_object_to_bytearray(q)))
+    return repaired
 
 
 def build_litert(
