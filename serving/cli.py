@@ -132,6 +132,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from serving.quantize.cli import main as sensitivity_main
+
+    return sensitivity_main(args, _command_line())
+
+
 def cmd_bench_offline(args: argparse.Namespace) -> int:
     from serving.bench.offline import run_offline
 
@@ -237,6 +243,13 @@ def parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(func=cmd_eval)
 
+    from serving.quantize.cli import add_arguments as sensitivity_args
+
+    sp = sub.add_parser("sensitivity", help="each layer alone at low bits vs FP32; mixed-precision plans")
+    sensitivity_args(sp)
+    common(sp)
+    sp.set_defaults(func=cmd_sensitivity)
+
     bench = sub.add_parser("bench", help="benchmarks; results go to benchmarks/results/")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     sp = bsub.add_parser("offline", help="raw runtime latency (batch 1) and best-batch throughput")
@@ -259,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
     from serving.edge.cli import add_arguments as serve_args
     from serving.triton.cli import add_arguments as triton_args
 
-    sp = sub.add_parser("serve", help="edge gRPC server (KServe v2 / Triton protocol) with Prometheus metrics")
+    sp = sub.add_parser("serve", help="edge gRPC server (KServe v2, Triton protocol) + Prometheus metrics")
     serve_args(sp)
     common(sp, data=False)
     sp.set_defaults(func=cmd_serve)

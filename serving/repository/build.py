@@ -13,7 +13,7 @@ import platform
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
@@ -55,8 +55,24 @@ class ModelWork:
     eval_uint8: np.ndarray | None = None
     ref5: np.ndarray | None = None
     calibration: np.ndarray | None = None
+    plans: dict = field(default_factory=dict)  # plan name -> PrecisionPlan
+    lowbit_info: dict = field(default_factory=dict)  # plan name -> facts for the manifest
+    log: Log = print
     _onnx: Path | None = None
     _ir_fp32: Path | None = None
+    _lowbit: dict = field(default_factory=dict)
+
+    def lowbit(self, plan: str) -> Path:
+        if plan not in self._lowbit:
+            from serving.quantize.lowbit_export import build_lowbit
+
+            dst = self.workdir / f"{plan}.onnx"
+            self.lowbit_info[plan] = build_lowbit(
+                self.onnx_fp32(), self.plans[plan], self.calibration, dst,
+                log=lambda msg: self.log(f"{self.loaded.spec.name} {plan}: {msg}"),
+            )
+            self._lowbit[plan] = dst
+        return self._lowbit[plan]
 
     def onnx_fp32(self) -> Path:
         if self._onnx is None:
@@ -103,12 +119,12 @@ def build_variant(
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=repository))
     try:
         recipe = RECIPES[backend]
-        model_file = staging / layout.VERSION / recipe.model_file
+        model_file = staging / layout.VERSION / recipe.file_for(precision)
         model_file.parent.mkdir(parents=True)
         log(f"{name}: writing {model_file.name}")
         recipe.make(work, precision, model_file)
         fp32_bytes = file_bytes(backend, recipe.fp32_file(work))
-        stats = recipe.weight_stats(model_file)
+        stats = recipe.stats(model_file)
         size = file_bytes(backend, model_file)
         pp = work.loaded.spec.preprocessing
         with open_runner(backend, model_file, precision, spec.threads) as runner:
@@ -143,6 +159,7 @@ def build_variant(
             "model_file": model_file.name,
             "onnx_opset": ONNX_OPSET,
             "quantization": recipe.int8_method if precision == "int8" else None,
+            "lowbit": work.lowbit_info.get(precision),
             "weight_bits": round(stats.bits_per_weight, 3),
             "weight_params": stats.params,
             "file_bytes": size,
@@ -160,7 +177,7 @@ def build_variant(
             "input": {"name": INPUT_NAME, "datatype": "FP32", "shape": list(pp.input_shape)},
             "output": {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [len(class_wnids(classes))]},
             "calibration": {"folder": spec.calibration_folder, "images": spec.calibration_images}
-            if precision == "int8"
+            if precision != "fp32" and precision != "fp16"
             else None,
             "runtime": runtime,
             "threads": spec.threads,
@@ -202,9 +219,12 @@ def _prepare(
     loaded = create_model(entry.model, weights=entry.weights)
     if not loaded.trained:
         log(f"{entry.model}: no weights here, built untrained (figures are not real accuracy)")
-    work = ModelWork(entry, loaded, workdir)
+    from serving.quantize.plan import load_plan
+
+    plans = {p.name: p for p in map(load_plan, entry.plans)}
+    work = ModelWork(entry, loaded, workdir, plans=plans, log=log)
     pp = loaded.spec.preprocessing
-    if "int8" in entry.precisions:
+    if "int8" in entry.precisions or plans:
         from serving.quantize.calibration import calibration_inputs
 
         work.calibration = calibration_inputs(
@@ -242,7 +262,7 @@ def build(
     for entry in spec.models:
         with tempfile.TemporaryDirectory(prefix="rtq-build-") as tmp:
             work = _prepare(entry, spec, data_root, Path(tmp), cache_dir, progress, log)
-            for precision in entry.precisions:
+            for precision in entry.all_precisions():
                 for backend in entry.backends:
                     manifests.append(
                         build_variant(work, precision, backend, spec, repository, command, progress, log)

@@ -16,6 +16,8 @@ import numpy as np
 
 from serving.repository.weight_stats import WeightStats, onnx_weight_stats, openvino_weight_stats
 
+BASE_PRECISIONS = ("fp32", "fp16", "int8")
+
 
 class Sources(Protocol):
     """What every recipe may draw on (built lazily, shared by all variants of one model)."""
@@ -28,6 +30,8 @@ class Sources(Protocol):
 
     def ir_fp32(self) -> Path: ...
 
+    def lowbit(self, plan: str) -> Path: ...  # packed QDQ ONNX of a precision plan
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -38,10 +42,19 @@ class Recipe:
     weight_stats: Callable[[Path], WeightStats]
     int8_method: str
     extra_files: Callable[[Path], list[Path]] = lambda p: []
+    lowbit: bool = False  # serves a precision plan's packed QDQ ONNX (unpacked to INT8 at load)
+
+    def file_for(self, precision: str) -> str:
+        return self.model_file if precision in BASE_PRECISIONS else "model.onnx"
+
+    def stats(self, path: Path) -> WeightStats:
+        return onnx_weight_stats(path) if path.suffix == ".onnx" else self.weight_stats(path)
 
 
 def _onnxruntime(src: Sources, precision: str, dst: Path) -> None:
-    if precision == "fp32":
+    if precision not in BASE_PRECISIONS:
+        shutil.copyfile(src.lowbit(precision), dst)
+    elif precision == "fp32":
         shutil.copyfile(src.onnx_fp32(), dst)
     elif precision == "fp16":
         from serving.export.onnx_export import convert_fp16
@@ -57,7 +70,9 @@ def _onnxruntime(src: Sources, precision: str, dst: Path) -> None:
 def _openvino(src: Sources, precision: str, dst: Path) -> None:
     from serving.export.openvino_export import save_ir, to_ir_model
 
-    if precision == "int8":
+    if precision not in BASE_PRECISIONS:
+        shutil.copyfile(src.lowbit(precision), dst)
+    elif precision == "int8":
         from serving.quantize.int8_openvino import quantize_int8
 
         save_ir(quantize_int8(to_ir_model(src.onnx_fp32()), src.calibration), dst)
@@ -107,6 +122,7 @@ RECIPES: dict[str, Recipe] = {
         weight_stats=onnx_weight_stats,
         int8_method="onnxruntime.quantization.quantize_static: QDQ, per-channel s8 weights, "
         "u8 activations, MinMax",
+        lowbit=True,
     ),
     "openvino": Recipe(
         model_file="model.xml",
@@ -115,7 +131,8 @@ RECIPES: dict[str, Recipe] = {
         fp32_file=lambda src: src.ir_fp32(),
         weight_stats=openvino_weight_stats,
         int8_method="nncf.quantize: preset mixed, fast bias correction",
-        extra_files=lambda p: [p.with_suffix(".bin")],
+        extra_files=lambda p: [p.with_suffix(".bin")] if p.suffix == ".xml" else [],
+        lowbit=True,
     ),
     "litert": Recipe(
         model_file="model.tflite",

@@ -23,6 +23,12 @@ class ModelEntry:
     precisions: tuple[str, ...] = ("fp32", "int8")
     backends: tuple[str, ...] = ("onnxruntime", "openvino")
     weights: str | None = None
+    plans: tuple[str, ...] = ()  # precision plan YAML files; each adds a <model>-<plan name>-<backend>
+
+    def all_precisions(self) -> tuple[str, ...]:
+        from serving.quantize.plan import load_plan
+
+        return self.precisions + tuple(load_plan(p).name for p in self.plans)
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,7 @@ class BuildSpec:
     source: str = field(default="<inline>", compare=False)
 
     def variants(self) -> list[tuple[ModelEntry, str, str]]:
-        return [(m, p, b) for m in self.models for p in m.precisions for b in m.backends]
+        return [(m, p, b) for m in self.models for p in m.all_precisions() for b in m.backends]
 
 
 def variant_name(model: str, precision: str, backend: str) -> str:
@@ -62,6 +68,20 @@ def _names(value: object, allowed: tuple[str, ...], what: str, where: str) -> tu
     return items
 
 
+def _plan_path(value: object, source: str) -> str:
+    """Plan paths are relative to the spec file, then to the project root; checked now."""
+    from serving.quantize.plan import load_plan
+
+    if not isinstance(value, str):
+        raise RtqError(f"spec {source}: plans must be file paths, got {value!r}")
+    candidates = [Path(source).parent / value, PROJECT_ROOT / value, Path(value)]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise RtqError(f"spec {source}: precision plan {value} not found next to the spec or in the project")
+    load_plan(path)
+    return str(path)
+
+
 def parse_spec(data: object, source: str = "<inline>") -> BuildSpec:
     top = _strict(BuildSpec, data, f"spec {source}")
     if not top.get("models"):
@@ -81,10 +101,13 @@ def parse_spec(data: object, source: str = "<inline>") -> BuildSpec:
                 ),
                 backends=_names(m.get("backends", ModelEntry.backends), tuple(RECIPES), "backends", where),
                 weights=m.get("weights"),
+                plans=tuple(_plan_path(p, source) for p in m.get("plans") or ()),
             )
         )
     for e in entries:
         for b in e.backends:
+            if e.plans and not RECIPES[b].lowbit:
+                raise RtqError(f"spec {source}: backend {b} does not build precision plans")
             unsupported = [p for p in e.precisions if p not in RECIPES[b].precisions]
             if unsupported:
                 raise RtqError(

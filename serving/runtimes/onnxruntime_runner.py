@@ -11,6 +11,14 @@ from serving.errors import RtqError
 from serving.runtimes.base import Runner, check_batch
 
 
+def _loadable(path: Path) -> str | bytes:
+    """Packed INT4/INT2 weights become INT8 at load, so they run on the INT8 kernels."""
+    from serving.quantize.packing import load_unpacked
+
+    unpacked = load_unpacked(path)
+    return str(path) if unpacked is None else unpacked.SerializeToString()
+
+
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
     model_suffix = ".onnx"

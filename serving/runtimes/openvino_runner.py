@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import openvino as ov
 
 from serving.errors import RtqError
@@ -13,6 +15,21 @@ from serving.runtimes.base import Runner, check_batch
 # What each declared precision asks OpenVINO to compute in; int8 graphs keep their u8/i8 convs and
 # run the rest in f32 so INT8 is compared with true FP32, not with bf16.
 _HINTS = {"fp32": "f32", "fp16": "f16", "int8": "f32"}
+
+
+def _read(core: ov.Core, path: Path) -> ov.Model:
+    """IR as is; an ONNX file (packed low-bit QDQ) is unpacked to INT8 first."""
+    if path.suffix != ".onnx":
+        return core.read_model(str(path))
+    from serving.quantize.packing import load_unpacked
+
+    unpacked = load_unpacked(path)
+    if unpacked is None:
+        return core.read_model(str(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / "unpacked.onnx"
+        onnx.save(unpacked, str(plain))
+        return core.read_model(str(plain))
 
 
 class OpenVinoRunner(Runner):
@@ -32,7 +49,7 @@ class OpenVinoRunner(Runner):
             hint = "f32"  # no native f16 math on this CPU: f16 weights, f32 compute
         config["INFERENCE_PRECISION_HINT"] = hint
         try:
-            self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
+            self.compiled = core.compile_model(_read(core, Path(model_path)), "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError with multi-line C++ traces
             raise RtqError(
                 f"OpenVINO cannot load {model_path}: {str(exc).strip().splitlines()[0][:300]}"

@@ -1,0 +1,89 @@
+"""A precision plan -> one packed QDQ ONNX file that ONNX Runtime and OpenVINO both serve.
+
+Steps: quantize each layer's weights per the plan (ptq), let ONNX Runtime's static quantizer place
+8-bit activation Q/DQ nodes calibrated on the already-quantized weights, overwrite its int8 weight
+tensors with ours (the integers fit: 4-bit values are valid int8), then pack the low-bit ones.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from serving.errors import RtqError
+from serving.quantize.packing import pack, packed_fraction
+from serving.quantize.plan import STORAGE_BITS, PrecisionPlan
+from serving.quantize.ptq import Log, QuantizedLayer, fake_quantized, quantize_layers
+
+
+def _patch(model: onnx.ModelProto, qlayers: list[QuantizedLayer]) -> dict[str, int]:
+    """Write our integers, scales and zero points into the QDQ graph; return storage bits by tensor."""
+    inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    by_weight = {ql.layer.weight: ql for ql in qlayers}
+    storage: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
+            continue
+        dq = producer.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        weight = dq.input[0].removesuffix("_quantized")
+        ql = by_weight.get(weight)
+        if ql is None:
+            raise RtqError(f"quantized graph has a weight {weight} the plan did not quantize")
+        x_name, s_name, z_name = dq.input[0], dq.input[1], dq.input[2]
+        for name, value in (
+            (x_name, ql.weight.q.astype(np.int8)),
+            (s_name, ql.weight.scale.astype(np.float32)),
+            (z_name, ql.weight.zero_point.astype(np.int8)),
+        ):
+            model.graph.initializer[inits[name]].CopyFrom(numpy_helper.from_array(value, name))
+        if ql.layer.bias and ql.bias is not None and len(node.input) > 2 and node.input[2] in inits:
+            b = node.input[2]
+            model.graph.initializer[inits[b]].CopyFrom(numpy_helper.from_array(ql.bias.astype(np.float32), b))
+        storage[x_name] = STORAGE_BITS[ql.weight.spec.bits]
+    missing = set(by_weight) - {k.removesuffix("_quantized") for k in storage}
+    if missing:
+        raise RtqError(f"the QDQ graph lost quantized weights for {sorted(missing)[:3]}")
+    return storage
+
+
+def build_lowbit(
+    fp32_onnx: Path, plan: PrecisionPlan, calibration: np.ndarray, dst: Path, log: Log = print
+) -> dict:
+    """Write the packed file; return facts for the manifest (bits per layer, packing, timing)."""
+    if plan.act_bits != 8:
+        raise RtqError(
+            f"plan {plan.name}: {plan.act_bits}-bit activations have no integer kernels in ONNX Runtime "
+            "or OpenVINO; they are measured by `rtq sensitivity` and trained by `rtq qat`, built at 8"
+        )
+    if len(calibration) < plan.calibration_images:
+        raise RtqError(
+            f"plan {plan.name} wants {plan.calibration_images} calibration images, the build has "
+            f"{len(calibration)}; raise calibration_images in the spec"
+        )
+    from serving.export.onnx_export import INPUT_NAME
+    from serving.quantize.int8_onnxruntime import quantize_int8
+
+    model = onnx.load(str(fp32_onnx))
+    qlayers = quantize_layers(model, plan, calibration, log)
+    with tempfile.TemporaryDirectory() as tmp:
+        fq = Path(tmp) / "fq.onnx"
+        onnx.save(fake_quantized(model, qlayers), str(fq))
+        q8 = Path(tmp) / "q8.onnx"
+        quantize_int8(fq, q8, calibration, INPUT_NAME)
+        qdq = onnx.load(str(q8))
+    storage = _patch(qdq, qlayers)
+    onnx.save(pack(qdq, storage), str(dst))
+    bits = {ql.layer.name: ql.weight.spec.bits for ql in qlayers}
+    return {
+        "plan": plan.to_dict(),
+        "layer_bits": bits,
+        "packed": packed_fraction(onnx.load(str(dst))),
+        "ptq_seconds": round(sum(ql.seconds for ql in qlayers), 1),
+    }

@@ -1,0 +1,91 @@
+"""INT4 / INT2 weights stored packed in ONNX, and unpacked to INT8 at load.
+
+Packed: each low-bit weight is an INT4 (opset 21) or INT2 (opset 25) initializer feeding a
+DequantizeLinear, so the file really shrinks. Unpacked: the same integers as INT8 in a plain
+opset-18 QDQ graph, which ONNX Runtime and OpenVINO fuse into their INT8 convolution kernels:
+no dequantize-per-run penalty, and the values fit exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+PACKED_TYPES = {4: TensorProto.INT4, 2: TensorProto.INT2}
+_OPSET_FOR = {4: 21, 2: 25}
+UNPACKED_OPSET = 18
+
+
+def _set_opset(model: onnx.ModelProto, version: int) -> None:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = version
+    model.ir_version = max(model.ir_version, 11 if version >= 25 else 10 if version >= 21 else 8)
+
+
+def pack(model: onnx.ModelProto, storage_bits: dict[str, int]) -> onnx.ModelProto:
+    """Rewrite the named int8 weight initializers (and their zero points) as INT4/INT2."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    dq_zp = {n.input[0]: n.input[2] for n in out.graph.node
+             if n.op_type == "DequantizeLinear" and len(n.input) > 2}  # fmt: skip
+    targets: dict[str, int] = {}
+    for name, bits in storage_bits.items():
+        if bits in PACKED_TYPES:
+            targets[name] = bits
+            if name in dq_zp:
+                targets[dq_zp[name]] = bits
+    for i, t in enumerate(out.graph.initializer):
+        bits = targets.get(t.name)
+        if bits is None:
+            continue
+        values = numpy_helper.to_array(t).astype(np.int64)
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        if values.size and (values.min() < lo or values.max() > hi):
+            raise ValueError(f"{t.name} holds values outside int{bits}")
+        out.graph.initializer[i].CopyFrom(
+            helper.make_tensor(t.name, PACKED_TYPES[bits], list(t.dims), values.flatten().tolist())
+        )
+    if targets:
+        _set_opset(out, max(_OPSET_FOR[b] for b in targets.values()))
+    return out
+
+
+def is_packed(model: onnx.ModelProto) -> bool:
+    return any(t.data_type in PACKED_TYPES.values() for t in model.graph.initializer)
+
+
+def unpack(model: onnx.ModelProto) -> onnx.ModelProto:
+    """INT4/INT2 initializers -> INT8 with the same values; back to opset 18 for every runtime."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for i, t in enumerate(out.graph.initializer):
+        if t.data_type in PACKED_TYPES.values():
+            values = numpy_helper.to_array(t).astype(np.int8)
+            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(values, t.name))
+    for op in out.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = UNPACKED_OPSET
+    out.ir_version = 8
+    return out
+
+
+def packed_fraction(model: onnx.ModelProto) -> dict[str, int]:
+    """How many initializers are stored per packed width, e.g. {"int4": 48, "int2": 3}."""
+    names = {v: f"int{k}" for k, v in PACKED_TYPES.items()}
+    counts: dict[str, int] = {}
+    for t in model.graph.initializer:
+        if t.data_type in names:
+            counts[names[t.data_type]] = counts.get(names[t.data_type], 0) + 1
+    return counts
+
+
+def load_unpacked(path: Path) -> onnx.ModelProto | None:
+    """The unpacked model if the file holds packed weights, else None (load the file as is)."""
+    if path.suffix != ".onnx":
+        return None
+    model = onnx.load(str(path))
+    return unpack(model) if is_packed(model) else None
