@@ -192,3 +192,35 @@ def test_sigterm_drains_in_flight_requests_then_exits(small_repository: Path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--repository", "/nonexistent/repo"], "holds no variants"),
+        (["--tls-cert", "/tmp/cert.pem"], "TLS needs both --tls-cert and --tls-key"),
+        (["--token-file", "/nonexistent/token"], "cannot read token file"),
+    ],
+)
+def test_serve_refuses_bad_setups_in_one_line(small_repository: Path, args: list[str], words: str):
+    base = ["--repository", str(small_repository)] if "--repository" not in args else []
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving.cli",
+            "serve",
+            *base,
+            *args,
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("rtq: error: ") and words in proc.stderr
+    assert proc.stderr.count("\n") == 1

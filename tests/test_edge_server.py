@@ -167,11 +167,17 @@ def test_topk_classification_labels_and_accuracy_counters(server, client, data_r
         assert abs(float(score) - float(logits[row].max())) < 1e-4
     after = scrape(server.metrics_port)
     lab = dict(model=ORT, precision="int8", backend="onnxruntime")
-    assert value(after, "rtq_predictions_labelled_total", **lab) - value(
-        before, "rtq_predictions_labelled_total", **lab) == 6
+    assert (
+        value(after, "rtq_predictions_labelled_total", **lab)
+        - value(before, "rtq_predictions_labelled_total", **lab)
+        == 6
+    )
     correct = sum(int(logits[i].argmax() == labels[i]) for i in range(6))
-    assert value(after, "rtq_predictions_correct_total", **lab) - value(
-        before, "rtq_predictions_correct_total", **lab) == correct
+    assert (
+        value(after, "rtq_predictions_correct_total", **lab)
+        - value(before, "rtq_predictions_correct_total", **lab)
+        == correct
+    )
 
 
 def test_metrics_count_every_request_and_failure_by_code(server, client):
@@ -240,23 +246,37 @@ def test_deadline_expired_in_queue_is_dropped_before_compute(server):
     metrics_before = scrape(server.metrics_port)
     big = fp32_input(np.zeros((8, 3, 224, 224), np.float32))
     lab = dict(model=FP32_OV, precision="fp32", backend="openvino")
-    out = fire(c, FP32_OV, big, 16)  # 16 batches of 8 ahead in the queue
+    out = fire(c, FP32_OV, big, 40)  # 40 batches of 8 ahead in the queue (2-3 s of compute)
     # Wait until the backlog is parsed and queued, so the next request surely reaches the server.
     deadline = time.monotonic() + 30
     while value(scrape(server.metrics_port), "rtq_queue_depth", **lab) < 12 and time.monotonic() < deadline:
         time.sleep(0.002)
+    # A fresh connection: behind 115 MB on the first one, HTTP/2 flow control could hold it back.
+    late = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
     with pytest.raises(InferenceServerException) as exc:
-        c.infer(FP32_OV, fp32_input(np.ones((1, 3, 224, 224), np.float32)), client_timeout=0.25)
+        late.infer(FP32_OV, fp32_input(np.ones((1, 3, 224, 224), np.float32)), client_timeout=0.5)
+    late.close()
     assert "DEADLINE" in str(exc.value.status()) or "Deadline" in str(exc.value)
-    wait_for(out, 16)
+    wait_for(out, 40)
     time.sleep(0.2)
     after = c.get_inference_statistics(FP32_OV).model_stats[0].inference_count
     c.close()
     assert not [e for _, e, _ in out if e]
-    assert after - before == 16 * 8  # the expired image never reached the runtime
+    assert after - before == 40 * 8  # the expired image never reached the runtime
     m = scrape(server.metrics_port)
-    assert value(m, "rtq_requests_total", code="DEADLINE_EXCEEDED", **lab) - value(
-        metrics_before, "rtq_requests_total", code="DEADLINE_EXCEEDED", **lab) == 1
+
+    def codes(samples: dict) -> dict[str, float]:
+        return {
+            dict(ls)["code"]: v
+            for (n, ls), v in samples.items()
+            if n == "rtq_requests_total" and ("model", FP32_OV) in ls
+        }
+
+    delta = {k: v - codes(metrics_before).get(k, 0) for k, v in codes(m).items()}
+    delta = {k: v for k, v in delta.items() if v}
+    # Counted as DEADLINE_EXCEEDED once the server has it; on a starved CPU gRPC itself may drop
+    # it before any handler runs, and then no server code can see (or count) it.
+    assert delta in ({"OK": 40, "DEADLINE_EXCEEDED": 1}, {"OK": 40}), delta
 
 
 def test_full_queue_answers_resource_exhausted_and_keeps_serving(small_repository):
@@ -287,13 +307,18 @@ def test_a_broken_variant_is_reported_and_the_others_serve(small_repository, tmp
     broken = repo / "efficientnet_lite0-broken-onnxruntime"
     shutil.copytree(small_repository / ORT, broken)
     (broken / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
+    (broken / "config.pbtxt").write_text((broken / "config.pbtxt").read_text().replace(ORT, broken.name))
+    misnamed = repo / "efficientnet_lite0-misnamed-onnxruntime"  # config.pbtxt names another model
+    shutil.copytree(small_repository / ORT, misnamed)
     srv = EdgeServer(EdgeConfig(repo, grpc_port=0, metrics_port=0)).start()
     try:
         c = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
         assert c.is_server_ready() and c.is_model_ready(ORT)
         assert not c.is_model_ready(broken.name)
         index = {m.name: m for m in c.get_model_repository_index().models}
-        assert index[broken.name].state == "UNAVAILABLE" and index[broken.name].reason
+        assert index[broken.name].state == "UNAVAILABLE" and "model.onnx" in index[broken.name].reason
+        assert index[misnamed.name].state == "UNAVAILABLE"
+        assert f"names model '{ORT}' but its folder is '{misnamed.name}'" in index[misnamed.name].reason
         with pytest.raises(InferenceServerException) as exc:
             c.infer(broken.name, fp32_input(np.zeros((1, 3, 224, 224), np.float32)))
         assert exc.value.status() == "StatusCode.UNAVAILABLE" and "not ready" in exc.value.message()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from serving.triton.pyrepo import write_python_repository
 
 OV = "efficientnet_lite0-int8-openvino"
 ORT = "efficientnet_lite0-int8-onnxruntime"
+BROKEN = "efficientnet_lite0-broken-onnxruntime"
 
 
 def free_port() -> int:
@@ -77,7 +79,14 @@ def top1(url: str, model: str, x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def triton(small_repository: Path, tmp_path_factory: pytest.TempPathFactory):
-    """`rtq triton` as users start it, with two variants; yields its ready event."""
+    """`rtq triton` as users start it, on two good variants and a broken one; yields its ready event."""
+    repo = tmp_path_factory.mktemp("repo")
+    for name in (OV, ORT):
+        (repo / name).symlink_to(small_repository / name)
+    shutil.copytree(small_repository / ORT, repo / BROKEN)
+    (repo / BROKEN / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    config = repo / BROKEN / "config.pbtxt"
+    config.write_text(config.read_text().replace(ORT, BROKEN))
     ports = {"--grpc-port": free_port(), "--http-port": free_port(), "--metrics-port": free_port()}
     proc = subprocess.Popen(
         [
@@ -86,11 +95,10 @@ def triton(small_repository: Path, tmp_path_factory: pytest.TempPathFactory):
             "serving.cli",
             "triton",
             "--repository",
-            str(small_repository),
-            "--models",
-            OV,
-            ORT,
+            str(repo),
             "--json",
+            "--timeout",
+            "120",
             "--work-dir",
             str(tmp_path_factory.mktemp("triton")),
             *[str(a) for kv in ports.items() for a in kv],
@@ -114,6 +122,9 @@ def test_triton_serves_the_repository_with_the_same_top1(triton, small_repositor
     assert ready["event"] == "ready" and ready["grpc"].startswith("127.0.0.1:")
     c = grpcclient.InferenceServerClient(ready["grpc"])
     assert c.is_server_ready() and c.is_model_ready(OV) and c.is_model_ready(ORT)
+    # One broken variant is reported with its reason and does not stop the others.
+    assert ready["models"][BROKEN]["state"] == "UNAVAILABLE" and ready["models"][BROKEN]["reason"]
+    assert not c.is_model_ready(BROKEN) and ready["models"][OV]["state"] == "READY"
     meta = c.get_model_metadata(OV)
     assert meta.inputs[0].name == "input" and list(meta.outputs[0].shape) == [-1, 1000]
     assert c.get_model_config(OV).config.backend == "python"

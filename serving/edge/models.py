@@ -142,6 +142,8 @@ def load_model(
         served.manifest = variant.manifest
         served.labels = (name, str(variant.manifest["precision"]), str(variant.manifest["backend"]))
         served.config = read_config(variant.root / CONFIG)
+        if served.config.name and served.config.name != name:
+            raise RtqError(f"{CONFIG} names model '{served.config.name}' but its folder is '{name}'")
         if not served.config.input or not served.config.output:
             raise RtqError(f"{CONFIG} declares no input or no output")
         labels_path = variant.root / LABELS_FILE

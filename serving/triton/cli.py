@@ -59,9 +59,12 @@ def triton_main(args: argparse.Namespace) -> int:
         "log": str(server.log_path),
         "pid": server.process.pid,
     }
+    event["models"] = {n: {"state": st, "reason": why} for n, (st, why) in server.model_states.items()}
     if args.json:
         print(json.dumps(event), flush=True)
     elif not args.quiet:
+        for n, (st, why) in server.model_states.items():
+            print(f"  {n}: {st}" + (f" ({why})" if why else ""), file=sys.stderr)
         print(
             f"rtq triton: ready; gRPC {event['grpc']}, HTTP {event['http']}, metrics {event['metrics']}; "
             f"log {event['log']}",

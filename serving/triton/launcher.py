@@ -83,6 +83,7 @@ class TritonServer:
         self.work = Path(config.work_dir or tempfile.mkdtemp(prefix="rtq-triton-"))
         self.process: subprocess.Popen | None = None
         self.log_path = self.work / "tritonserver.log"
+        self.model_states: dict[str, tuple[str, str]] = {}
 
     def _prepare(self) -> list[str]:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -117,7 +118,9 @@ class TritonServer:
             f"--metrics-address={c.host}",
             f"--metrics-port={c.metrics_port}",
             "--allow-gpu-metrics=false",
-            "--strict-readiness=true",
+            # Like the edge server: a broken variant is reported UNAVAILABLE, the others serve.
+            "--exit-on-error=false",
+            "--strict-readiness=false",
             "--exit-timeout-secs=10",
             f"--log-verbose={c.log_verbose}",
             *c.extra_args,
@@ -149,6 +152,7 @@ class TritonServer:
         return grpcclient.InferenceServerClient(f"{self.config.host}:{self.config.grpc_port}")
 
     def wait_ready(self, names: list[str], timeout: float) -> None:
+        """Wait until every model has loaded or failed; a failed one is reported, not fatal."""
         deadline = time.monotonic() + timeout
         client = self._client()
         while time.monotonic() < deadline:
@@ -158,8 +162,21 @@ class TritonServer:
                     f"ready: {self.log_tail()}"
                 )
             try:
-                if client.is_server_ready():
+                # Triton opens its endpoints only after the initial load: live means every
+                # model has loaded, failed, or was refused before loading (absent from the index).
+                if client.is_server_live():
+                    index = {m.name: m for m in client.get_model_repository_index().models}
+                    self.model_states = {
+                        n: (index[n].state, index[n].reason)
+                        if n in index
+                        else ("UNAVAILABLE", f"not in Triton's repository index; see {self.log_path}")
+                        for n in names
+                    }
+                    if not any(state == "READY" for state, _ in self.model_states.values()):
+                        raise RtqError(f"tritonserver loaded no model: {self.log_tail()}")
                     return
+            except RtqError:
+                raise
             except Exception:  # noqa: BLE001 - not listening yet
                 pass
             time.sleep(0.5)

@@ -45,6 +45,7 @@ def python_config(native: mc.ModelConfig, variant_dir: Path, threads: int) -> mc
     cfg.ClearField("platform")
     cfg.ClearField("default_model_filename")
     cfg.backend = "python"
+    cfg.name = variant_dir.name  # Triton refuses a model whose config names another folder
     for key in _NATIVE_PARAMS:
         if key in cfg.parameters:
             del cfg.parameters[key]

@@ -1,0 +1,120 @@
+"""The dynamic batcher with a real runtime: preferred sizes, max batch, FIFO, expiry, bounds."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.edge.batching import BatchObserver, BatchPolicy, Expired, ModelBatcher, Pending, QueueFull
+from serving.repository.layout import open_variant
+from serving.runtimes import open_runner
+
+MODEL = "efficientnet_lite0-int8-onnxruntime"
+
+
+class Recorder:
+    """Collects what the batcher did and the answer of every request."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.answers: dict[int, tuple[np.ndarray | None, BaseException | None]] = {}
+        self.taken = threading.Event()
+        self.lock = threading.Lock()
+
+    def observer(self) -> BatchObserver:
+        return BatchObserver(queued=lambda s: self.taken.set(), computed=lambda n, s: self.batches.append(n))
+
+    def done(self, key: int):
+        def cb(result, exc):
+            with self.lock:
+                self.answers[key] = (result, exc)
+
+        return cb
+
+    def wait(self, n: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.answers) < n and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert len(self.answers) == n
+
+
+@pytest.fixture()
+def runner(small_repository: Path):
+    v = open_variant(small_repository, MODEL)
+    r = open_runner("onnxruntime", v.model_path, "int8", 2)
+    yield r
+
+
+def images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, 224, 224), dtype=np.float32)
+
+
+def test_queued_requests_form_preferred_batches_in_fifo_order(runner):
+    rec = Recorder()
+    # A long queue delay: the batch waits for a preferred size while requests keep arriving.
+    policy = BatchPolicy(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_s=0.5)
+    xs = [images(1, i) for i in range(13)]
+    reference = [runner.infer(x) for x in xs]
+    batcher = ModelBatcher([runner], policy, rec.observer())
+    try:
+        for i, x in enumerate(xs):
+            batcher.submit(Pending(x, None, rec.done(i)))
+        rec.wait(13)
+    finally:
+        batcher.stop()
+    assert sum(rec.batches) == 13 and max(rec.batches) <= 8 and len(rec.batches) <= 4, rec.batches
+    # Between the first batch (taken as the queue started) and the leftover, only preferred sizes.
+    assert all(b in (4, 8) for b in rec.batches[1:-1]), rec.batches
+    for i in range(13):  # every request got its own rows back
+        got, exc = rec.answers[i]
+        assert exc is None
+        np.testing.assert_allclose(got, reference[i], rtol=1e-4, atol=1e-3)
+
+
+def test_an_idle_model_does_not_wait_out_the_queue_delay(runner):
+    rec = Recorder()
+    policy = BatchPolicy(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_s=0.5)
+    batcher = ModelBatcher([runner], policy, rec.observer())
+    try:
+        for i in range(3):  # spaced requests: no arrivals to wait for, so no delay is spent
+            t0 = time.monotonic()
+            batcher.submit(Pending(images(1, i), None, rec.done(i)))
+            rec.wait(i + 1)
+            assert time.monotonic() - t0 < 0.25
+            time.sleep(0.6)
+    finally:
+        batcher.stop()
+    assert rec.batches == [1, 1, 1]
+
+
+def test_expired_requests_are_dropped_before_compute(runner):
+    rec = Recorder()
+    batcher = ModelBatcher([runner], BatchPolicy(max_batch_size=8), rec.observer())
+    try:
+        batcher.submit(Pending(images(8, 0), None, rec.done(0)))
+        assert rec.taken.wait(10)  # the first batch is computing now
+        batcher.submit(Pending(images(1, 1), time.monotonic() + 0.0005, rec.done(1)))
+        batcher.submit(Pending(images(2, 2), None, rec.done(2)))
+        rec.wait(3)
+    finally:
+        batcher.stop()
+    assert isinstance(rec.answers[1][1], Expired)
+    assert rec.answers[0][1] is None and rec.answers[2][1] is None
+    assert rec.batches == [8, 2]  # the expired image never reached the runtime
+
+
+def test_a_full_queue_refuses_and_stop_finishes_the_queue(runner):
+    rec = Recorder()
+    batcher = ModelBatcher([runner], BatchPolicy(max_batch_size=8, max_queue_size=2), rec.observer())
+    batcher.submit(Pending(images(8, 0), None, rec.done(0)))
+    assert rec.taken.wait(10)
+    batcher.submit(Pending(images(8, 1), None, rec.done(1)))
+    batcher.submit(Pending(images(8, 2), None, rec.done(2)))
+    with pytest.raises(QueueFull):
+        batcher.submit(Pending(images(1, 3), None, rec.done(3)))
+    batcher.stop()  # drains what was accepted
+    assert sorted(rec.answers) == [0, 1, 2] and all(exc is None for _, exc in rec.answers.values())
