@@ -16,6 +16,7 @@ import argparse
 import csv
 import datetime as dt
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -252,6 +253,7 @@ def run_serving_bench(
     procs: dict[str, subprocess.Popen] = {}
     triton_server = None
     targets: dict[str, str] = {}
+    load_before = [round(v, 2) for v in os.getloadavg()]
     result: dict = {
         "benchmark": "serving",
         "command": command,
@@ -384,6 +386,8 @@ def run_serving_bench(
     if latency_runs < 200:
         reasons.append(f"{latency_runs} latency runs < 200")
     now = dt.datetime.now(dt.UTC)
+    # Other work on the same cores skews every figure here; the load says how much there was.
+    result["load_average_1_5_15"] = {"before": load_before, "after": [round(v, 2) for v in os.getloadavg()]}
     result |= {
         "date": now.isoformat(timespec="seconds"),
         "machine": machine(),
@@ -419,6 +423,8 @@ def markdown(r: dict) -> str:
         f"- date: {r['date']}",
         f"- machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['system']}; "
         "client and servers share the same cores",
+        f"- load average (1/5/15 min) before {r['load_average_1_5_15']['before']}, after "
+        f"{r['load_average_1_5_15']['after']} (other jobs on the machine count here)",
         f"- client: {r['settings']['client']}; servers loaded with all {len(r['models_loaded'])} variants",
         f"- validity: {verdict}",
         "",
