@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,7 @@ class ServedModel:
     def ready(self) -> bool:
         return self.batcher is not None
 
-    @property
+    @cached_property  # per request otherwise; the manifest never changes once loaded
     def preprocessing(self) -> Preprocessing:
         return Preprocessing.from_dict(self.manifest["preprocessing"])
 
@@ -69,7 +70,7 @@ class ServedModel:
     def input_name(self) -> str:
         return self.config.input[0].name
 
-    @property
+    @cached_property
     def image_shape(self) -> tuple[int, ...]:
         return tuple(int(d) for d in self.config.input[0].dims)
 
