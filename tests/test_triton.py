@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import model_config_pb2 as mc
 
 from serving.edge.server import EdgeConfig, EdgeServer
 from serving.models.preprocessing import preprocess
 from serving.repository.layout import CONFIG, list_variants, open_variant
-from serving.repository.triton_config import read_config
+from serving.repository.triton_config import native_config, read_config
 from serving.runtimes import open_runner
-from serving.triton.pyrepo import write_python_repository
+from serving.triton.pyrepo import python_config, threads_from, write_python_repository
 
 OV = "efficientnet_lite0-int8-openvino"
 ORT = "efficientnet_lite0-int8-onnxruntime"
@@ -51,13 +52,30 @@ def test_native_and_python_backend_configs(small_repository: Path, tmp_path: Pat
         assert py.backend == "python" and not py.platform and py.name == name
         assert py.input == native.input and py.output == native.output
         assert py.max_batch_size == native.max_batch_size
-        assert py.dynamic_batching == native.dynamic_batching and py.instance_group == native.instance_group
+        assert py.dynamic_batching == native.dynamic_batching
+        assert [g.count for g in py.instance_group] == [g.count for g in native.instance_group]
+        assert all(g.kind == mc.ModelInstanceGroup.KIND_CPU for g in py.instance_group)
         assert Path(py.parameters["rtq_variant_dir"].string_value) == variant.root.resolve()
         assert int(py.parameters["rtq_threads"].string_value) >= 1
         assert (tmp_path / "py" / name / "1" / "model.py").is_file()
         assert (tmp_path / "py" / name / "labels.txt").read_text() == (
             variant.root / "labels.txt"
         ).read_text()
+
+
+@pytest.mark.parametrize("backend", ["tensorrt", "litert"])
+def test_gpu_and_litert_native_configs_become_cpu_hosted_python_models(backend: str, tmp_path: Path):
+    """A TensorRT (KIND_GPU, tensorrt_plan) or LiteRT config: the stub runs on CPU, our runner picks
+    its device; the native-only parameters are dropped and the thread count carried over."""
+    native = native_config(f"m-{backend}", backend, "input", (3, 224, 224), "logits", 1000, 8, 3)
+    if backend == "tensorrt":
+        assert native.platform == "tensorrt_plan"
+        assert native.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    py = python_config(native, tmp_path / f"m-{backend}", threads_from(native, {"threads": 2}))
+    assert py.backend == "python" and not py.platform and not py.default_model_filename
+    assert py.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert set(py.parameters) == {"rtq_variant_dir", "rtq_threads", "rtq_site_packages", "rtq_project_root"}
+    assert py.parameters["rtq_threads"].string_value == ("3" if backend == "litert" else "2")
 
 
 def labelled(data_root: Path, n: int) -> list[Path]:

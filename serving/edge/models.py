@@ -25,7 +25,8 @@ from serving.repository.triton_config import LABELS_FILE, read_config
 from serving.runtimes import open_runner
 
 DEFAULT_MAX_QUEUE = 64
-_THREAD_PARAMS = ("intra_op_thread_count", "INFERENCE_NUM_THREADS")
+# Where each native config keeps the runtime's thread count (ORT, OpenVINO, LiteRT).
+_THREAD_PARAMS = ("intra_op_thread_count", "INFERENCE_NUM_THREADS", "num_threads")
 
 
 @dataclass

@@ -28,7 +28,10 @@ _NATIVE_PARAMS = (
     "INFERENCE_NUM_THREADS",
     "INFERENCE_PRECISION_HINT",
     "PERFORMANCE_HINT",
+    "num_threads",
+    "rtq_note",
 )
+_THREAD_PARAMS = ("intra_op_thread_count", "INFERENCE_NUM_THREADS", "num_threads")
 
 
 def site_packages() -> str:
@@ -46,6 +49,10 @@ def python_config(native: mc.ModelConfig, variant_dir: Path, threads: int) -> mc
     cfg.ClearField("default_model_filename")
     cfg.backend = "python"
     cfg.name = variant_dir.name  # Triton refuses a model whose config names another folder
+    # The runner picks its own device (a TensorRT runner its GPU): Triton only hosts the stub.
+    for group in cfg.instance_group:
+        group.kind = mc.ModelInstanceGroup.KIND_CPU
+        del group.gpus[:]
     for key in _NATIVE_PARAMS:
         if key in cfg.parameters:
             del cfg.parameters[key]
@@ -60,7 +67,7 @@ def python_config(native: mc.ModelConfig, variant_dir: Path, threads: int) -> mc
 
 
 def threads_from(native: mc.ModelConfig, manifest: dict) -> int:
-    for key in ("intra_op_thread_count", "INFERENCE_NUM_THREADS"):
+    for key in _THREAD_PARAMS:
         if key in native.parameters and native.parameters[key].string_value.isdigit():
             return int(native.parameters[key].string_value)
     return int(manifest.get("threads", 2))
