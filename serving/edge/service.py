@@ -108,7 +108,9 @@ class InferenceService:
             served = self._model(request.name, request.version)
             cfg = served.config
             resp = pb.ModelMetadataResponse(
-                name=served.name, versions=[served.version], platform=cfg.platform or cfg.backend
+                name=served.name,
+                versions=[served.version],
+                platform=cfg.platform or cfg.backend or served.labels[2],
             )
             batch = [-1] if cfg.max_batch_size > 0 else []
             for t in cfg.input:
