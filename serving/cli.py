@@ -138,6 +138,12 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return sensitivity_main(args, _command_line())
 
 
+def cmd_bench_lowbit(args: argparse.Namespace) -> int:
+    from serving.bench.lowbit import main as lowbit_main
+
+    return lowbit_main(args, _command_line())
+
+
 def cmd_bench_offline(args: argparse.Namespace) -> int:
     from serving.bench.offline import run_offline
 
@@ -267,6 +273,13 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=str(default_results_dir()), help="results folder (default: %(default)s)")
     common(sp, data=False)
     sp.set_defaults(func=cmd_bench_offline)
+
+    from serving.bench.lowbit import add_arguments as lowbit_args
+
+    sp = bsub.add_parser("lowbit", help="precision plans built and evaluated side by side; Pareto plot")
+    lowbit_args(sp)
+    common(sp)
+    sp.set_defaults(func=cmd_bench_lowbit)
 
     from serving.bench.serving_bench import add_arguments as bench_serving_args
     from serving.edge.cli import add_arguments as serve_args

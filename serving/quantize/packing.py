@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 PACKED_TYPES = {4: TensorProto.INT4, 2: TensorProto.INT2}
+_ML_DTYPES = {4: ml_dtypes.int4, 2: ml_dtypes.int2}
 _OPSET_FOR = {4: 21, 2: 25}
 UNPACKED_OPSET = 18
 
@@ -46,9 +48,9 @@ def pack(model: onnx.ModelProto, storage_bits: dict[str, int]) -> onnx.ModelProt
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         if values.size and (values.min() < lo or values.max() > hi):
             raise ValueError(f"{t.name} holds values outside int{bits}")
-        out.graph.initializer[i].CopyFrom(
-            helper.make_tensor(t.name, PACKED_TYPES[bits], list(t.dims), values.flatten().tolist())
-        )
+        # ml_dtypes arrays serialize as packed raw bytes (2 or 4 values a byte), not int32 fields.
+        packed = values.astype(_ML_DTYPES[bits]).reshape(tuple(t.dims))
+        out.graph.initializer[i].CopyFrom(numpy_helper.from_array(packed, t.name))
     if targets:
         _set_opset(out, max(_OPSET_FOR[b] for b in targets.values()))
     return out
@@ -74,11 +76,12 @@ def unpack(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def packed_fraction(model: onnx.ModelProto) -> dict[str, int]:
-    """How many initializers are stored per packed width, e.g. {"int4": 48, "int2": 3}."""
+    """How many weight tensors are stored per packed width, e.g. {"int4": 48, "int2": 3}."""
     names = {v: f"int{k}" for k, v in PACKED_TYPES.items()}
+    weights = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     counts: dict[str, int] = {}
     for t in model.graph.initializer:
-        if t.data_type in names:
+        if t.data_type in names and t.name in weights:
             counts[names[t.data_type]] = counts.get(names[t.data_type], 0) + 1
     return counts
 

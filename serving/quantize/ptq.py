@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
-from serving.quantize.graph import Layer, initializer, layers_of, with_outputs, with_weights
+from serving.quantize.graph import Layer, initializer, layers_of, with_weights
 from serving.quantize.lowbit import QuantizedWeight, WeightQuant, quantize_weight
 from serving.quantize.plan import PrecisionPlan
 
@@ -53,9 +53,12 @@ def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 
 def layer_input(model: onnx.ModelProto, layer: Layer, x: np.ndarray) -> np.ndarray:
-    if layer.input == model.graph.input[0].name:
+    """The layer's input on x; only the part of the graph in front of it runs."""
+    name = model.graph.input[0].name
+    if layer.input == name:
         return x
-    return run(with_outputs(model, [layer.input]), x, [layer.input])[0]
+    head = onnx.utils.Extractor(model).extract_model([name], [layer.input])
+    return run(head, x, [layer.input])[0]
 
 
 @dataclass
@@ -186,8 +189,8 @@ def quantize_layers(
             if plan.method == "adaround":
                 xf = layer_input(model, layer, x) if i else xq
                 qw = adaround(layer, w, b, qw, xq, xf, iters=iters)
-            else:
-                bias = corrected_bias(layer, w, qw.dequantize(), b, xq)
+            # Rounding alone cannot move a channel's mean output; a bias shift can.
+            bias = corrected_bias(layer, w, qw.dequantize(), b, xq)
         ql = QuantizedLayer(layer, qw, bias, time.perf_counter() - t0)
         done.append(ql)
         updates = {layer.weight: qw.dequantize()}

@@ -86,9 +86,10 @@ def activation_ranges(model: onnx.ModelProto, layers: list[Layer], x: np.ndarray
 def measure(
     model: onnx.ModelProto, x: np.ndarray, weight_bits: tuple[int, ...] = (2, 4),
     act_bits: tuple[int, ...] = (4, 8), progress: bool = True,
-    on_result: Callable[[Sensitivity], None] | None = None,
+    on_result: Callable[[Sensitivity], None] | None = None, only: set[str] | None = None,
 ) -> list[Sensitivity]:
-    layers = layers_of(model)
+    every = layers_of(model)
+    layers = [layer for layer in every if only is None or layer.name in only]
     ref = logits(model, x)
     ref_top1 = ref.argmax(1)
     ranges = activation_ranges(model, layers, x) if act_bits else {}
@@ -104,7 +105,7 @@ def measure(
             scale, zp = activation_qparams(*ranges[layer.input], bits)
             candidate = with_fake_quant_input(model, layer, scale, zp, bits)
         out = logits(candidate, x)
-        depth = [lay.name for lay in layers].index(layer.name) / max(len(layers) - 1, 1)
+        depth = [lay.name for lay in every].index(layer.name) / max(len(every) - 1, 1)
         agreement = round(float((out.argmax(1) == ref_top1).mean()), 4)
         r = Sensitivity(layer.name, layer.component, layer.params, round(depth, 3), kind, bits,
                         agreement, round(kl_divergence(ref, out), 5))

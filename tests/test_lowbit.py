@@ -1,0 +1,199 @@
+"""Below 8 bits: quantizers, plans, allocation, learned rounding, packing and packed variants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from serving.errors import RtqError
+from serving.quantize.graph import initializer, layers_of
+from serving.quantize.lowbit import WeightQuant, activation_qparams, quantize_weight
+from serving.quantize.mixed import allocate
+from serving.quantize.packing import is_packed, pack, unpack
+from serving.quantize.plan import load_plan, parse_plan
+from serving.quantize.sensitivity import Sensitivity, by_component, hypotheses, measure
+from serving.repository import layout
+from serving.runtimes import open_runner
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def fp32(small_repository: Path) -> tuple[Path, onnx.ModelProto]:
+    path = small_repository / "efficientnet_lite0-fp32-onnxruntime" / "1" / "model.onnx"
+    return path, onnx.load(str(path))
+
+
+@pytest.fixture(scope="module")
+def calib(data_root: Path) -> np.ndarray:
+    from serving.models.zoo import get_spec
+    from serving.quantize.calibration import calibration_inputs
+
+    return calibration_inputs("imagenet-calib", get_spec("efficientnet_lite0").preprocessing, 32, data_root,
+                              progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_weight_quantizer_stays_on_its_grid(bits: int, symmetric: bool):
+    w = RNG.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    if bits == 8 and not symmetric:
+        with pytest.raises(RtqError, match="asymmetric 8-bit"):
+            quantize_weight(w, WeightQuant(bits, symmetric=symmetric))
+        return
+    spec = WeightQuant(bits, symmetric=symmetric)
+    q = quantize_weight(w, spec)
+    assert q.q.min() >= spec.qmin and q.q.max() <= spec.qmax and q.scale.shape == (16,)
+    s = q.scale[:, None, None, None]
+    z = q.zero_point[:, None, None, None].astype(np.float32)
+    inside = (w >= (spec.qmin - z) * s) & (w <= (spec.qmax - z) * s)
+    err = np.abs(q.dequantize() - w)
+    assert (err <= s / 2 + 1e-6)[inside].all()  # nearest grid point inside the clipping range
+    per_tensor = quantize_weight(w, WeightQuant(bits, per_channel=False, symmetric=symmetric))
+    assert per_tensor.scale.shape == ()
+
+
+def test_scale_search_beats_max_scaling_at_4_bits():
+    w = RNG.standard_t(3, size=(32, 64, 1, 1)).astype(np.float32)  # heavy tails, like real weights
+    mse = {s: float(((quantize_weight(w, WeightQuant(4, search_scale=s)).dequantize() - w) ** 2).mean())
+           for s in (True, False)}  # fmt: skip
+    assert mse[True] < mse[False]
+
+
+def test_bad_widths_are_refused():
+    with pytest.raises(RtqError, match="weight bits 5"):
+        WeightQuant(5)
+    with pytest.raises(RtqError, match="activation bits 6"):
+        activation_qparams(0.0, 1.0, 6)
+    scale, zp = activation_qparams(-1.0, 3.0, 8)
+    assert scale == pytest.approx(4 / 255) and 0 < zp < 255
+
+
+def test_plans_parse_strictly(fp32, tmp_path: Path):
+    _, model = fp32
+    layers = layers_of(model)
+    plan = parse_plan({"name": "w4a8", "weights": {"bits": 4}, "components": {"stem": 8},
+                       "layers": {"classifier": {"bits": 8}, "blocks.1.0.conv_dw": 2}})  # fmt: skip
+    bits = {layer.name: plan.bits_for(layer) for layer in layers}
+    assert bits["conv_stem"] == 8 and bits["classifier"] == 8 and bits["blocks.1.0.conv_dw"] == 2
+    assert bits["blocks.2.0.conv_pw"] == 4
+    cases = [
+        ({"name": "x", "bogus": 1}, "unknown field"),
+        ({"name": "int8"}, "not fp32/fp16/int8"),
+        ({"name": "x", "weights": {"bits": 5}}, "5 bits not supported"),
+        ({"name": "x", "components": {"attention": 4}}, "unknown components"),
+        ({"name": "x", "method": "gptq"}, "method 'gptq' unknown"),
+        ({"name": "x", "calibration_images": 4}, ">= 16"),
+    ]
+    for data, message in cases:
+        with pytest.raises(RtqError, match=message):
+            parse_plan(data)
+    with pytest.raises(RtqError, match="unknown layers"):
+        parse_plan({"name": "x", "layers": {"blocks.99.conv": 4}}).check_layers(layers)
+    (tmp_path / "p.yaml").write_text("name: [\n")
+    with pytest.raises(RtqError, match="not valid YAML"):
+        load_plan(tmp_path / "p.yaml")
+
+
+def test_layers_are_typed_by_component(fp32):
+    comps = {layer.name: layer.component for layer in layers_of(fp32[1])}
+    assert comps["conv_stem"] == "stem" and comps["classifier"] == "classifier"
+    assert comps["conv_head"] == "head" and comps["blocks.1.0.conv_dw"] == "depthwise"
+    assert comps["blocks.1.0.conv_pw"] == "pw_expand" and comps["blocks.1.0.conv_pwl"] == "project"
+    assert comps["blocks.0.0.conv_pw"] == "project"  # depthwise-separable block: no expansion
+    assert len(comps) == 50
+
+
+def test_sensitivity_measures_single_layers(fp32, calib):
+    only = {"conv_stem", "blocks.1.0.conv_dw", "blocks.5.1.conv_pw"}
+    results = measure(fp32[1], calib[:16], (2, 8), (4,), progress=False, only=only)
+    assert {r.layer for r in results} == only and len(results) == 9
+    w8 = [r for r in results if r.kind == "weight" and r.bits == 8]
+    w2 = {r.layer: r for r in results if r.kind == "weight" and r.bits == 2}
+    for r in w8:
+        assert r.kl < w2[r.layer].kl  # fewer bits, further from FP32
+    assert all(0 <= r.agreement <= 1 for r in results)
+    assert {g["component"] for g in by_component(results)} == {"stem", "depthwise", "pw_expand"}
+    assert hypotheses(results, bits=2)  # verdicts computed on what was measured
+
+
+def test_knapsack_meets_the_budget_and_spends_bits_where_they_matter(fp32):
+    _, model = fp32
+    layers = layers_of(model)
+    # Synthetic sensitivities: only the depthwise layers suffer at low bits.
+    sens = [Sensitivity(layer.name, layer.component, layer.params, 0.0, "weight", b, 1.0,
+                        (1.0 if layer.component == "depthwise" else 0.001) / b)
+            for layer in layers for b in (2, 4)]  # fmt: skip
+    fp32_bytes = 18_655_090
+    alloc = allocate(layers, sens, fp32_bytes, 5.5)
+    assert alloc.estimated_bytes <= alloc.budget_bytes == int(fp32_bytes / 5.5)
+    dw = [alloc.bits[layer.name] for layer in layers if layer.component == "depthwise"]
+    assert all(b == 8 for b in dw)  # depthwise weights are tiny: keeping them at 8 bits is cheap
+    assert alloc.bits["classifier"] < 8
+    with pytest.raises(RtqError, match="cannot be met"):
+        allocate(layers, sens, fp32_bytes, 40.0)
+
+
+def test_learned_rounding_beats_nearest_on_a_real_layer(fp32, calib):
+    import torch
+
+    from serving.quantize.ptq import _pad, _torch_layer, adaround, layer_input
+
+    _, model = fp32
+    layer = next(lay for lay in layers_of(model) if lay.name == "blocks.2.0.conv_dw")
+    w, b = initializer(model, layer.weight), initializer(model, layer.bias)
+    x = layer_input(model, layer, calib[:8])
+    rtn = quantize_weight(w, WeightQuant(4))
+    learned = adaround(layer, w, b, rtn, x, x, iters=150)
+    xt = _pad(layer, x)
+    target = _torch_layer(layer, torch.from_numpy(w), torch.from_numpy(b), xt)
+
+    def err(q) -> float:
+        return float(((_torch_layer(layer, torch.from_numpy(q.dequantize()), torch.from_numpy(b), xt)
+                       - target) ** 2).mean())  # fmt: skip
+
+    assert learned.q.min() >= -8 and learned.q.max() <= 7
+    assert err(learned) < err(rtn)
+
+
+def test_packing_round_trips_and_refuses_values_outside_the_width():
+    from onnx import TensorProto, helper, numpy_helper
+
+    q = np.array([[-8, 7], [0, -1]], np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w", "s", "z"], ["y"], axis=0)], "g", [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        [numpy_helper.from_array(q, "w"), numpy_helper.from_array(np.array([0.5, 0.25], np.float32), "s"),
+         numpy_helper.from_array(np.zeros(2, np.int8), "z")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    packed = pack(model, {"w": 4})
+    assert is_packed(packed) and packed.opset_import[0].version == 21
+    assert np.array_equal(numpy_helper.to_array(unpack(packed).graph.initializer[0]), q)
+    with pytest.raises(ValueError, match="outside int2"):
+        pack(model, {"w": 2})
+
+
+def test_packed_w4a8_variant_runs_on_int8_kernels_on_both_backends(
+    small_repository: Path, fp32, calib, tmp_path: Path
+):
+    from serving.quantize.lowbit_export import build_lowbit
+
+    path, model = fp32
+    plan = parse_plan({"name": "w4a8", "method": "rtn-bc", "weights": {"bits": 4},
+                       "components": {"stem": 8, "classifier": 8}, "calibration_images": 16})  # fmt: skip
+    dst = tmp_path / "w4a8.onnx"
+    info = build_lowbit(path, plan, calib, dst, log=lambda m: None)
+    assert info["packed"] == {"int4": 48}
+    int8 = layout.open_variant(small_repository, "efficientnet_lite0-int8-onnxruntime")
+    assert dst.stat().st_size < 0.7 * int8.manifest["file_bytes"]
+    x = calib[:4]
+    with open_runner("onnxruntime", dst, "w4a8") as ort_runner, open_runner("openvino", dst, "w4a8") as ov:
+        a, b = ort_runner.infer(x), ov.infer(x)
+        assert ov.conv_precisions() == {"u8": 49}  # every conv on INT8 kernels, none dequantized per run
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.75
+    with pytest.raises(RtqError, match="activations have no integer kernels"):
+        build_lowbit(path, parse_plan({"name": "w4a4", "activations": {"bits": 4}}), calib, dst)
