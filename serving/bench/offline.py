@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import time
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def _markdown(result: dict) -> str:
         f"- command: `{result['command']}`",
         f"- date: {result['date']}",
         f"- machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; "
-        f"{result['settings']['threads']} runtime threads",
+        f"{result['settings']['threads']} runtime threads; 1-min load average "
+        f"{result['load_average_1m']['before']} before, {result['load_average_1m']['after']} after",
         f"- batch-1 latency: {result['settings']['warmup']} warm-up runs excluded, then "
         f"{result['settings']['runs']} timed runs interleaved across variants in rounds of {ROUND}",
         "",
@@ -107,6 +109,7 @@ def run_offline(
     runners = [
         open_runner(v.manifest["backend"], v.model_path, v.manifest["precision"], threads) for v in variants
     ]
+    load_before = os.getloadavg()
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal((1, *v.manifest["input"]["shape"]), dtype=np.float32) for v in variants]
     samples: list[list[int]] = [[] for _ in variants]
@@ -178,6 +181,8 @@ def run_offline(
         "machine": machine(),
         "tool_versions": tool_versions(),
         "settings": {"runs": runs, "warmup": warmup, "batches": list(batches), "threads": threads},
+        # Other processes on the same cores inflate latency: the load average says how quiet it was.
+        "load_average_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "variants": results,
         "speedups": speedups,
     }
