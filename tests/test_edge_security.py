@@ -224,3 +224,22 @@ def test_serve_refuses_bad_setups_in_one_line(small_repository: Path, args: list
     assert proc.returncode == 2
     assert proc.stderr.startswith("rtq: error: ") and words in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_busy_ports_are_one_clear_error(small_repository: Path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for flags, words in (
+            (["--grpc-port", str(port), "--metrics-port", "-1"], f"cannot bind gRPC to 127.0.0.1:{port}"),
+            (["--grpc-port", "0", "--metrics-port", str(port)], f"cannot bind metrics to 127.0.0.1:{port}"),
+        ):
+            proc = subprocess.run(
+                [sys.executable, "-m", "serving.cli", "serve", "--repository", str(small_repository), *flags],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert proc.returncode == 2 and f"rtq: error: {words}" in proc.stderr
+            assert "Traceback" not in proc.stderr

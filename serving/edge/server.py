@@ -91,12 +91,15 @@ class EdgeServer:
         )
         self._server.add_generic_rpc_handlers((generic_handler(self.service),))
         address = f"{self.config.host}:{self.config.grpc_port}"
-        if self.config.tls_cert:
-            port = self._server.add_secure_port(
-                address, server_credentials(self.config.tls_cert, self.config.tls_key)
-            )
-        else:
-            port = self._server.add_insecure_port(address)
+        try:
+            if self.config.tls_cert:
+                port = self._server.add_secure_port(
+                    address, server_credentials(self.config.tls_cert, self.config.tls_key)
+                )
+            else:
+                port = self._server.add_insecure_port(address)
+        except RuntimeError:  # grpc raises "Failed to bind ..." with a multi-line hint
+            port = 0
         if port == 0:
             raise RtqError(f"cannot bind gRPC to {address} (port in use?)")
         self.grpc_port = port
@@ -135,6 +138,8 @@ class EdgeServer:
             await self._start_grpc()
         except BaseException as exc:
             self._error = exc
+            if self._server is not None:
+                await self._server.stop(0)
             self._started.set()
             return
         if install_signals:
