@@ -15,6 +15,13 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def runs_in(m: dict) -> str:
+    """What the runtime computes in; OpenVINO also says what its convolutions really run in."""
+    convs = (m.get("runtime") or {}).get("conv_precisions")
+    base = m.get("execution_precision", "-")
+    return f"{base}, convs {'/'.join(f'{k}x{v}' for k, v in convs.items())}" if convs else base
+
+
 def rows(manifests: list[dict]) -> list[list[str]]:
     """One row per variant and eval set; untrained models say so in their name."""
     out = []
@@ -26,7 +33,7 @@ def rows(manifests: list[dict]) -> list[list[str]]:
             name = m["variant"] + ("" if m.get("trained", True) else " (untrained)")
             n = m.get("eval_images", {}).get(s, "-") if s else "-"
             out.append([
-                name, m["backend"], m["precision"], m.get("execution_precision", "-"),
+                name, m["backend"], m["precision"], runs_in(m),
                 f"{m['weight_bits']:.2f}", f"{m['file_bytes'] / 1e6:.1f}",
                 f"{m['compression_vs_fp32']:.2f}", s or "-", str(n), _pct(top1), _pct(fp32), delta,
                 _pct(m["agreement_fp32"].get(s) if s else None),
