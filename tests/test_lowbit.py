@@ -197,3 +197,29 @@ def test_packed_w4a8_variant_runs_on_int8_kernels_on_both_backends(
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.75
     with pytest.raises(RtqError, match="activations have no integer kernels"):
         build_lowbit(path, parse_plan({"name": "w4a4", "activations": {"bits": 4}}), calib, dst)
+
+
+def test_a_spec_with_a_plan_builds_served_packed_variants(tmp_path: Path, data_root: Path):
+    from serving.repository.build import build
+    from serving.repository.spec import parse_spec
+
+    (tmp_path / "w4.yaml").write_text(
+        "name: w4bc\nmethod: rtn-bc\nweights: {bits: 4}\ncomponents: {stem: 8, classifier: 8}\n"
+        "calibration_images: 16\n"
+    )
+    spec_data = {"models": [{"model": "efficientnet_lite0", "precisions": [], "plans": ["w4.yaml"],
+                             "backends": ["onnxruntime", "openvino"]}],
+                 "calibration_images": 16, "eval_images": 32}  # fmt: skip
+    spec = parse_spec(spec_data, str(tmp_path / "spec.yaml"))
+    manifests = build(spec, tmp_path / "repo", "test", data_root, tmp_path / "cache", progress=False,
+                      log=lambda m: None)  # fmt: skip
+    assert [m["variant"] for m in manifests] == ["efficientnet_lite0-w4bc-onnxruntime",
+                                                 "efficientnet_lite0-w4bc-openvino"]  # fmt: skip
+    for m in manifests:
+        assert m["model_file"] == "model.onnx" and m["lowbit"]["packed"] == {"int4": 48}
+        assert 4.0 < m["weight_bits"] < 6.5 and m["compression_vs_fp32"] > 4.5
+        assert m["agreement_fp32"]["imagenet-val"] > 0.5
+    assert manifests[1]["runtime"]["conv_precisions"] == {"u8": 49}
+    with pytest.raises(RtqError, match="precision plan missing.yaml not found"):
+        parse_spec({"models": [{"model": "efficientnet_lite0", "plans": ["missing.yaml"]}]},
+                   str(tmp_path / "spec.yaml"))  # fmt: skip

@@ -7,6 +7,9 @@ tensors with ours (the integers fit: 4-bit values are valid int8), then pack the
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -54,9 +57,35 @@ def _patch(model: onnx.ModelProto, qlayers: list[QuantizedLayer]) -> dict[str, i
 
 
 def build_lowbit(
-    fp32_onnx: Path, plan: PrecisionPlan, calibration: np.ndarray, dst: Path, log: Log = print
+    fp32_onnx: Path, plan: PrecisionPlan, calibration: np.ndarray, dst: Path, log: Log = print,
+    cache_dir: Path | None = None,
 ) -> dict:
-    """Write the packed file; return facts for the manifest (bits per layer, packing, timing)."""
+    """Write the packed file; return facts for the manifest (bits per layer, packing, timing).
+
+    With a cache_dir, a result for the same FP32 file, plan and calibration images is reused:
+    learned rounding costs minutes, and `rtq build` and `rtq bench lowbit` ask for the same plans.
+    """
+    key = None
+    if cache_dir is not None:
+        h = hashlib.sha256(Path(fp32_onnx).read_bytes())
+        h.update(json.dumps(plan.to_dict(), sort_keys=True).encode())
+        h.update(np.ascontiguousarray(calibration[: plan.calibration_images]).tobytes())
+        key = cache_dir / h.hexdigest()[:24]
+        if key.with_suffix(".onnx").is_file() and key.with_suffix(".json").is_file():
+            shutil.copyfile(key.with_suffix(".onnx"), dst)
+            log(f"reused {key.with_suffix('.onnx')}")
+            return json.loads(key.with_suffix(".json").read_text()) | {"cached": True}
+    info = _build_lowbit(fp32_onnx, plan, calibration, dst, log)
+    if key is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(dst, key.with_suffix(".onnx"))
+        key.with_suffix(".json").write_text(json.dumps(info))
+    return info
+
+
+def _build_lowbit(
+    fp32_onnx: Path, plan: PrecisionPlan, calibration: np.ndarray, dst: Path, log: Log
+) -> dict:
     if plan.act_bits != 8:
         raise RtqError(
             f"plan {plan.name}: {plan.act_bits}-bit activations have no integer kernels in ONNX Runtime "

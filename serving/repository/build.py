@@ -70,6 +70,7 @@ class ModelWork:
             self.lowbit_info[plan] = build_lowbit(
                 self.onnx_fp32(), self.plans[plan], self.calibration, dst,
                 log=lambda msg: self.log(f"{self.loaded.spec.name} {plan}: {msg}"),
+                cache_dir=PROJECT_ROOT / ".cache" / "lowbit",
             )
             self._lowbit[plan] = dst
         return self._lowbit[plan]

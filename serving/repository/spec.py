@@ -96,9 +96,10 @@ def parse_spec(data: object, source: str = "<inline>") -> BuildSpec:
         entries.append(
             ModelEntry(
                 model=m["model"],
-                precisions=_names(
-                    m.get("precisions", ModelEntry.precisions), PRECISIONS, "precisions", where
-                ),
+                # A model built only from precision plans may list no base precision.
+                precisions=()
+                if m.get("plans") and not m.get("precisions")
+                else _names(m.get("precisions", ModelEntry.precisions), PRECISIONS, "precisions", where),
                 backends=_names(m.get("backends", ModelEntry.backends), tuple(RECIPES), "backends", where),
                 weights=m.get("weights"),
                 plans=tuple(_plan_path(p, source) for p in m.get("plans") or ()),
