@@ -1,4 +1,4 @@
-"""`locust -f loadtest/realtime.py` as users run it: real Locust processes against real servers on 127.0.0.1."""
+"""`locust -f loadtest/realtime.py` as users run it: real Locust processes, real servers on 127.0.0.1."""
 
 from __future__ import annotations
 
