@@ -58,6 +58,7 @@ class ModelWork:
     plans: dict = field(default_factory=dict)  # plan name -> PrecisionPlan
     lowbit_info: dict = field(default_factory=dict)  # plan name -> facts for the manifest
     log: Log = print
+    cache_dir: Path = PROJECT_ROOT / ".cache"
     _onnx: Path | None = None
     _ir_fp32: Path | None = None
     _lowbit: dict = field(default_factory=dict)
@@ -70,7 +71,7 @@ class ModelWork:
             self.lowbit_info[plan] = build_lowbit(
                 self.onnx_fp32(), self.plans[plan], self.calibration, dst,
                 log=lambda msg: self.log(f"{self.loaded.spec.name} {plan}: {msg}"),
-                cache_dir=PROJECT_ROOT / ".cache" / "lowbit",
+                cache_dir=self.cache_dir / "lowbit",
             )
             self._lowbit[plan] = dst
         return self._lowbit[plan]
@@ -223,7 +224,7 @@ def _prepare(
     from serving.quantize.plan import load_plan
 
     plans = {p.name: p for p in map(load_plan, entry.plans)}
-    work = ModelWork(entry, loaded, workdir, plans=plans, log=log)
+    work = ModelWork(entry, loaded, workdir, plans=plans, log=log, cache_dir=cache_dir)
     pp = loaded.spec.preprocessing
     if "int8" in entry.precisions or plans:
         from serving.quantize.calibration import calibration_inputs
@@ -242,7 +243,8 @@ def _prepare(
     work.eval_images, work.eval_labels = images, labels[: len(images)]
     work.eval_uint8 = load_uint8(images, pp, progress)
     work.ref5 = reference_top5(
-        loaded, work.eval_uint8, [str(it.path.name) for it in images.items], cache_dir, progress
+        loaded, work.eval_uint8, [str(it.path.name) for it in images.items], cache_dir / "reference",
+        progress,
     )
     return work
 
@@ -256,9 +258,13 @@ def build(
     progress: bool = True,
     log: Log = print,
 ) -> list[dict]:
-    """Build every variant of the spec; returns their manifests in spec order."""
+    """Build every variant of the spec; returns their manifests in spec order.
+
+    cache_dir keeps what is expensive and keyed by its inputs: FP32 reference predictions and
+    learned-rounding results (default: .cache/ in the project).
+    """
     repository.mkdir(parents=True, exist_ok=True)
-    cache_dir = cache_dir or PROJECT_ROOT / ".cache" / "reference"
+    cache_dir = cache_dir or PROJECT_ROOT / ".cache"
     manifests = []
     for entry in spec.models:
         with tempfile.TemporaryDirectory(prefix="rtq-build-") as tmp:
