@@ -77,13 +77,25 @@ def _arguments(parser) -> None:
     parser.add_argument("--fps", type=_positive_float, default=30.0, help="frames per second per stream")
     parser.add_argument("--data", default="imagenet-val", help="labelled folder or name under the data root")
     parser.add_argument("--images", type=_positive_int, default=100, help="images cycled by each process")
-    parser.add_argument("--input", choices=INPUT_MODES, default="tensor",
-                        help="FP32 tensors (both servers) or JPEG bytes (edge server preprocesses)")
-    parser.add_argument("--deadline-ms", type=_positive_float, default=None,
-                        help="per-frame deadline (default: the frame interval)")
+    parser.add_argument(
+        "--input",
+        choices=INPUT_MODES,
+        default="tensor",
+        help="FP32 tensors (both servers) or JPEG bytes (edge server preprocesses)",
+    )
+    parser.add_argument(
+        "--deadline-ms",
+        type=_positive_float,
+        default=None,
+        help="per-frame deadline (default: the frame interval)",
+    )
     parser.add_argument("--warmup-s", type=float, default=2.0, help="seconds per stream not counted")
-    parser.add_argument("--arrivals", choices=("fixed", "poisson"), default="fixed",
-                        help="fixed frame interval (camera) or Poisson at --fps (MLPerf server)")
+    parser.add_argument(
+        "--arrivals",
+        choices=("fixed", "poisson"),
+        default="fixed",
+        help="fixed frame interval (camera) or Poisson at --fps (MLPerf server)",
+    )
 
 
 class _Run:
@@ -297,11 +309,28 @@ class CameraStream(User):
         missed = run.stats.record(due, finished, sent_at, deadline_s, error, correct)
         latency_ms = 1000 * (finished - due)
         fire = self.environment.events.request.fire
-        fire(request_type="gRPC", name=self.model, response_time=latency_ms, response_length=0,
-             exception=InferenceServerException(error) if error else None, context={})
-        fire(request_type="deadline", name=self.model, response_time=latency_ms, response_length=0,
-             exception=DeadlineMiss(f"over {1000 * deadline_s:.1f} ms or failed") if missed else None,
-             context={})
+        fire(
+            request_type="gRPC",
+            name=self.model,
+            response_time=latency_ms,
+            response_length=0,
+            exception=InferenceServerException(error) if error else None,
+            context={},
+        )
+        fire(
+            request_type="deadline",
+            name=self.model,
+            response_time=latency_ms,
+            response_length=0,
+            exception=DeadlineMiss(f"over {1000 * deadline_s:.1f} ms or failed") if missed else None,
+            context={},
+        )
         if correct is not None:
-            fire(request_type="accuracy", name=self.model, response_time=0, response_length=0,
-                 exception=None if correct else WrongTop1("wrong top-1"), context={})
+            fire(
+                request_type="accuracy",
+                name=self.model,
+                response_time=0,
+                response_length=0,
+                exception=None if correct else WrongTop1("wrong top-1"),
+                context={},
+            )

@@ -179,6 +179,12 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
     return bench_main(args, _command_line())
 
 
+def cmd_bench_realtime(args: argparse.Namespace) -> int:
+    from serving.bench.realtime import main as realtime_main
+
+    return realtime_main(args, _command_line())
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -299,6 +305,13 @@ def parser() -> argparse.ArgumentParser:
     bench_serving_args(sp)
     common(sp)
     sp.set_defaults(func=cmd_bench_serving)
+
+    from serving.bench.realtime import add_arguments as realtime_args
+
+    sp = bsub.add_parser("realtime", help="real-time scenarios + Locust on both servers; HTML report")
+    realtime_args(sp)
+    common(sp)
+    sp.set_defaults(func=cmd_bench_realtime)
     return p
 
 

@@ -89,9 +89,7 @@ def edge(small_repository: Path):
 
 
 def locust(args: list[str], timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*LOCUST, *args], capture_output=True, text=True, timeout=timeout, cwd=PROJECT_ROOT
-    )
+    return subprocess.run([*LOCUST, *args], capture_output=True, text=True, timeout=timeout, cwd=PROJECT_ROOT)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -116,11 +114,31 @@ def check_run(prefix: Path, model: str, min_queries: int) -> dict:
 @pytest.mark.parametrize("mode", ["tensor", "jpeg"])
 def test_headless_run_against_the_edge_server(edge, tmp_path: Path, mode: str):
     prefix = tmp_path / "run"
-    r = locust([
-        "--headless", "-u", "2", "-r", "2", "-t", "6s", "--host", f"127.0.0.1:{edge.grpc_port}",
-        "--model", OV, "--fps", "20", "--images", "40", "--warmup-s", "1", "--input", mode,
-        "--csv", str(prefix),
-    ])
+    r = locust(
+        [
+            "--headless",
+            "-u",
+            "2",
+            "-r",
+            "2",
+            "-t",
+            "6s",
+            "--host",
+            f"127.0.0.1:{edge.grpc_port}",
+            "--model",
+            OV,
+            "--fps",
+            "20",
+            "--images",
+            "40",
+            "--warmup-s",
+            "1",
+            "--input",
+            mode,
+            "--csv",
+            str(prefix),
+        ]
+    )
     assert r.returncode in (0, 1), r.stderr[-2000:]  # 1: Locust's code when any request failed
     summary = check_run(prefix, OV, min_queries=2 * 20 * 3)
     # Two streams at 20 FPS: about 40 frames/s leave on schedule whatever the answers do.
@@ -131,18 +149,53 @@ def test_headless_run_against_the_edge_server(edge, tmp_path: Path, mode: str):
 def test_master_and_two_workers(edge, tmp_path: Path):
     prefix = tmp_path / "dist"
     port = free_port()
-    common = ["--host", f"127.0.0.1:{edge.grpc_port}", "--model", ORT, "--fps", "15", "--images", "30",
-              "--warmup-s", "1"]
+    common = [
+        "--host",
+        f"127.0.0.1:{edge.grpc_port}",
+        "--model",
+        ORT,
+        "--fps",
+        "15",
+        "--images",
+        "30",
+        "--warmup-s",
+        "1",
+    ]
     master = subprocess.Popen(
-        [*LOCUST, "--master", "--headless", "--expect-workers", "2", "--expect-workers-max-wait", "60",
-         "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port), "-u", "4", "-r", "4",
-         "-t", "6s", "--csv", str(prefix), *common],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=PROJECT_ROOT,
+        [
+            *LOCUST,
+            "--master",
+            "--headless",
+            "--expect-workers",
+            "2",
+            "--expect-workers-max-wait",
+            "60",
+            "--master-bind-host",
+            "127.0.0.1",
+            "--master-bind-port",
+            str(port),
+            "-u",
+            "4",
+            "-r",
+            "4",
+            "-t",
+            "6s",
+            "--csv",
+            str(prefix),
+            *common,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=PROJECT_ROOT,
     )
     workers = [
         subprocess.Popen(
             [*LOCUST, "--worker", "--master-host", "127.0.0.1", "--master-port", str(port), *common],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=PROJECT_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=PROJECT_ROOT,
         )
         for _ in range(2)
     ]
@@ -174,8 +227,24 @@ def test_bad_input_ends_quickly_with_a_clear_message(edge, tmp_path: Path, args,
     host = ["--host", f"127.0.0.1:{edge.grpc_port}"]
     args = [a.replace("{dead}", str(free_port())) for a in args]
     t0 = time.monotonic()
-    r = locust(["--headless", "-u", "1", "-r", "1", "-t", "30s", "--images", "5", "--csv",
-                str(tmp_path / "bad"), *host, *args], timeout=60)
+    r = locust(
+        [
+            "--headless",
+            "-u",
+            "1",
+            "-r",
+            "1",
+            "-t",
+            "30s",
+            "--images",
+            "5",
+            "--csv",
+            str(tmp_path / "bad"),
+            *host,
+            *args,
+        ],
+        timeout=60,
+    )
     assert r.returncode != 0
     assert message in r.stderr, r.stderr[-1500:]
     assert time.monotonic() - t0 < 25  # ended by itself, long before -t 30s
@@ -190,9 +259,28 @@ def test_a_server_dying_mid_run_ends_it_marked_incomplete(small_repository: Path
     stopper.start()
     try:
         t0 = time.monotonic()
-        r = locust(["--headless", "-u", "1", "-r", "1", "-t", "40s", "--host", f"127.0.0.1:{srv.grpc_port}",
-                    "--model", ORT, "--images", "5", "--warmup-s", "0.5", "--csv", str(tmp_path / "dies")],
-                   timeout=60)
+        r = locust(
+            [
+                "--headless",
+                "-u",
+                "1",
+                "-r",
+                "1",
+                "-t",
+                "40s",
+                "--host",
+                f"127.0.0.1:{srv.grpc_port}",
+                "--model",
+                ORT,
+                "--images",
+                "5",
+                "--warmup-s",
+                "0.5",
+                "--csv",
+                str(tmp_path / "dies"),
+            ],
+            timeout=60,
+        )
     finally:
         stopper.cancel()
         srv.stop()
@@ -206,13 +294,42 @@ def test_headless_run_against_triton(small_repository: Path, tmp_path: Path):
     from serving.triton.launcher import TritonConfig, TritonServer
 
     grpc_port = free_port()
-    server = TritonServer(TritonConfig(small_repository, grpc_port=grpc_port, http_port=free_port(),
-                                       metrics_port=free_port(), models=[ORT], work_dir=tmp_path / "triton"))
+    server = TritonServer(
+        TritonConfig(
+            small_repository,
+            grpc_port=grpc_port,
+            http_port=free_port(),
+            metrics_port=free_port(),
+            models=[ORT],
+            work_dir=tmp_path / "triton",
+        )
+    )
     server.start(timeout=180)
     try:
         prefix = tmp_path / "triton-run"
-        r = locust(["--headless", "-u", "2", "-r", "2", "-t", "6s", "--host", f"127.0.0.1:{grpc_port}",
-                    "--model", ORT, "--fps", "20", "--images", "40", "--warmup-s", "1", "--csv", str(prefix)])
+        r = locust(
+            [
+                "--headless",
+                "-u",
+                "2",
+                "-r",
+                "2",
+                "-t",
+                "6s",
+                "--host",
+                f"127.0.0.1:{grpc_port}",
+                "--model",
+                ORT,
+                "--fps",
+                "20",
+                "--images",
+                "40",
+                "--warmup-s",
+                "1",
+                "--csv",
+                str(prefix),
+            ]
+        )
     finally:
         server.stop()
     assert r.returncode in (0, 1), r.stderr[-2000:]

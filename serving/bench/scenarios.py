@@ -133,7 +133,10 @@ def _open_loop(
     lock = threading.Lock()
     start = time.monotonic()
     warm_until = start + s.warmup_s
-    stop_at = warm_until + s.min_duration_s
+    # LoadGen runs until both minimums hold: at low rates the query count sets the duration.
+    rate = s.target_qps if s.scenario == "server" else s.streams * s.fps
+    seconds = max(s.min_duration_s, s.min_query_count / rate)
+    stop_at = warm_until + seconds
     pending = [0]
     due_list = []
     # Precompute due times so the sender only sleeps and sends (its own lateness still counts).
@@ -165,8 +168,14 @@ def _open_loop(
             if measured:
                 logits = None if error is not None else result.as_numpy("logits")
                 with lock:
-                    stats.record(due, finished, sent_at, deadline_s,
-                                 None if error is None else _error_name(error), _correct(logits, frame))
+                    stats.record(
+                        due,
+                        finished,
+                        sent_at,
+                        deadline_s,
+                        None if error is None else _error_name(error),
+                        _correct(logits, frame),
+                    )
             finish()
 
         with lock:
@@ -185,7 +194,8 @@ def _open_loop(
             done.set()
     answered_in_time = done.wait(s.query_timeout_s + 5)
     with lock:
-        summary = stats.summary(seconds=s.min_duration_s)
+        summary = stats.summary(seconds=seconds)
+        summary["latency_hist"] = stats.latency.to_dict()
     summary["unanswered_at_end"] = 0 if answered_in_time else pending[0]
     return summary
 
@@ -224,7 +234,7 @@ def run_single_stream(target: Target, frames: list[Frame], s: TestSettings) -> S
         if t0 >= warm_until:
             stats.record(t0, time.monotonic(), t0, s.query_timeout_s, err, _correct(logits, frame))
     m = stats.summary(seconds=time.monotonic() - warm_until)
-    m["p90_ms"] = stats.latency.percentile(90)
+    m["latency_hist"] = stats.latency.to_dict()
     valid, reasons = _verdict(s, m, [f"{m['errors']} errors"] if m["errors"] else [])
     return ScenarioResult(s, m, valid, reasons)
 
@@ -292,9 +302,15 @@ def run_offline(target: Target, frames: list[Frame], s: TestSettings) -> Scenari
     for t in threads:
         t.join(s.min_duration_s + s.warmup_s + s.query_timeout_s + 5)
     seconds = max(1e-9, time.monotonic() - warm_until)
-    m = {"queries": counts["queries"], "samples": counts["samples"], "errors": counts["errors"],
-         "samples_per_s": round(counts["samples"] / seconds, 2), "batch": b,
-         "in_flight": s.offline_in_flight, "seconds": round(seconds, 3)}
+    m = {
+        "queries": counts["queries"],
+        "samples": counts["samples"],
+        "errors": counts["errors"],
+        "samples_per_s": round(counts["samples"] / seconds, 2),
+        "batch": b,
+        "in_flight": s.offline_in_flight,
+        "seconds": round(seconds, 3),
+    }
     valid, reasons = _verdict(s, m, [f"{m['errors']} errors"] if m["errors"] else [])
     return ScenarioResult(s, m, valid, reasons)
 
@@ -311,9 +327,13 @@ def run_accuracy(target: Target, frames: list[Frame], s: TestSettings) -> Scenar
         if ok is not None:
             labelled += 1
             correct += int(ok)
-    m = {"images": len(frames), "labelled": labelled, "errors": errors,
-         "accuracy": round(correct / labelled, 5) if labelled else None,
-         "seconds": round(time.monotonic() - t0, 3)}
+    m = {
+        "images": len(frames),
+        "labelled": labelled,
+        "errors": errors,
+        "accuracy": round(correct / labelled, 5) if labelled else None,
+        "seconds": round(time.monotonic() - t0, 3),
+    }
     reasons = [f"{errors} errors"] if errors else []
     if labelled < s.min_query_count:
         reasons.append(f"{labelled} labelled images < min_query_count {s.min_query_count}")
@@ -336,7 +356,11 @@ def run(target: Target, frames: list[Frame], s: TestSettings) -> ScenarioResult:
 
 
 def server_search(
-    target: Target, frames: list[Frame], base: TestSettings, high: float, steps: int = 5,
+    target: Target,
+    frames: list[Frame],
+    base: TestSettings,
+    high: float,
+    steps: int = 5,
     log: Callable[[str], None] = lambda m: None,
 ) -> tuple[float, list[ScenarioResult]]:
     """Largest Poisson rate whose p99 stays within the bound: bisection on (0, high] qps.
@@ -362,7 +386,10 @@ def server_search(
 
 
 def streams_search(
-    target: Target, frames: list[Frame], base: TestSettings, max_streams: int,
+    target: Target,
+    frames: list[Frame],
+    base: TestSettings,
+    max_streams: int,
     log: Callable[[str], None] = lambda m: None,
 ) -> tuple[int, list[ScenarioResult]]:
     """Most cameras at base.fps with < base.max_miss_rate deadline misses: bisection on the count."""

@@ -113,6 +113,15 @@ class LatencyHistogram:
     def to_dict(self) -> dict[str, int]:
         return {str(b): n for b, n in self.counts.items()}
 
+    def cdf(self) -> tuple[list[float], list[float]]:
+        """(latency ms, fraction of queries at or below it) per occupied bucket, for plots."""
+        total, seen, xs, ys = self.n, 0, [], []
+        for b in sorted(self.counts):
+            seen += self.counts[b]
+            xs.append(round(self._value(b), 3))
+            ys.append(seen / total)
+        return xs, ys
+
 
 @dataclass
 class StreamStats:
@@ -197,8 +206,22 @@ class StreamStats:
 
     @classmethod
     def from_dict(cls, d: dict) -> StreamStats:
-        s = cls(**{k: d[k] for k in ("sent", "answered", "errors", "deadline_misses", "overloaded",
-                                      "labelled", "correct", "first_due", "last_due")})
+        s = cls(
+            **{
+                k: d[k]
+                for k in (
+                    "sent",
+                    "answered",
+                    "errors",
+                    "deadline_misses",
+                    "overloaded",
+                    "labelled",
+                    "correct",
+                    "first_due",
+                    "last_due",
+                )
+            }
+        )
         s.latency.merge(d.get("latency", {}))
         s.send_lag.merge(d.get("send_lag", {}))
         s.error_codes = dict(d.get("error_codes", {}))
