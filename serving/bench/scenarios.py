@@ -138,13 +138,19 @@ def _open_loop(
     seconds = max(s.min_duration_s, s.min_query_count / rate)
     stop_at = warm_until + seconds
     pending = [0]
-    due_list = []
     # Precompute due times so the sender only sleeps and sends (its own lateness still counts).
-    for si, sched in enumerate(schedules):
-        k = 0
-        while (d := sched.due(k)) < stop_at:
-            due_list.append((d, si, k))
-            k += 1
+    # Poisson counts are random: extend the window (bounded) until the measured count is met too.
+    for _ in range(20):
+        due_list = []
+        for si, sched in enumerate(schedules):
+            k = 0
+            while (d := sched.due(k)) < stop_at:
+                due_list.append((d, si, k))
+                k += 1
+        if sum(d >= warm_until for d, _, _ in due_list) >= s.min_query_count:
+            break
+        stop_at += max(0.1, 0.25 * s.min_query_count / rate)
+    seconds = stop_at - warm_until
     due_list.sort()
     done = threading.Event()
 
