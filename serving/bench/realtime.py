@@ -249,9 +249,9 @@ def _scrape(url: str) -> dict:
     return out
 
 
-def _locust(url: str, model: str, users: int, s: RealtimeSettings, out: Path, log) -> dict:
+def _locust(kind: str, url: str, model: str, users: int, s: RealtimeSettings, out: Path, log) -> dict:
     """A headless `locust -f loadtest/realtime.py` run; its realtime summary (or why it failed)."""
-    prefix = out / f"locust-{model}"
+    prefix = out / f"locust-{kind}-{model}"
     common = [
         "--host",
         url,
@@ -393,7 +393,7 @@ def _run_server(
         if s.locust_seconds > 0 and server.alive():
             primary = s.variants[0]
             users = max(1, run.variants.get(primary, {}).get("streams", {}).get("max_streams", 1))
-            run.locust = _locust(server.url, primary, users, s, out, log)
+            run.locust = _locust(kind, server.url, primary, users, s, out, log)
             if not run.locust.get("complete", False):
                 run.errors.append(
                     "locust run incomplete: "
