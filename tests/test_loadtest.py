@@ -334,3 +334,16 @@ def test_headless_run_against_triton(small_repository: Path, tmp_path: Path):
         server.stop()
     assert r.returncode in (0, 1), r.stderr[-2000:]
     check_run(prefix, ORT, min_queries=2 * 20 * 3)
+
+
+def test_the_locustfile_keeps_openvino_and_nncf_out():
+    """OpenVINO/nncf imported beside gevent hang forever (FIELD-NOTES): the locustfile must not pull them."""
+    path = str(PROJECT_ROOT / "loadtest" / "realtime.py")
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('rt', {path!r})\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "print(sorted(m for m in ('openvino', 'nncf', 'torch', 'onnxruntime') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-800:]
