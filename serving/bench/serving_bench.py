@@ -33,6 +33,7 @@ from serving.settings import PROJECT_ROOT, default_data_root, default_results_di
 DEFAULT_VARIANT = "efficientnet_lite0-int8-openvino"
 SLO_MS = 33.0
 ROUND = 25
+PACE_S = 0.002
 
 
 def add_arguments(sp: argparse.ArgumentParser) -> None:
@@ -296,7 +297,10 @@ def run_serving_bench(
         x1 = x[:1]
         clients = {name: _client(url) for name, url in targets.items()}
         reqs = _request(x1)
-        samples: dict[str, list[float]] = {"raw": [], **{k: [] for k in targets}}
+        # "raw_paced" idles PACE_S between calls, as a server's runtime does between requests: on a
+        # busy machine the scheduler favours threads that sleep, so back-to-back calls alone would
+        # make the raw runtime look slower than the same runtime inside a server.
+        samples: dict[str, list[float]] = {"raw": [], "raw_paced": [], **{k: [] for k in targets}}
         for _ in range(20):
             runner.infer(x1)
             for c in clients.values():
@@ -309,6 +313,11 @@ def run_serving_bench(
                 t0 = time.perf_counter()
                 runner.infer(x1)
                 samples["raw"].append(1000 * (time.perf_counter() - t0))
+            for _ in range(step):
+                time.sleep(PACE_S)
+                t0 = time.perf_counter()
+                runner.infer(x1)
+                samples["raw_paced"].append(1000 * (time.perf_counter() - t0))
             for name, c in clients.items():
                 for _ in range(step):
                     t0 = time.perf_counter()
@@ -328,8 +337,9 @@ def run_serving_bench(
             "compute": mean_ms("compute_infer"),
         }
         result["latency_ms"] = {k: _pcts(v) for k, v in samples.items()}
-        ratio = result["latency_ms"]["edge"]["p50"] / result["latency_ms"]["raw"]["p50"]
-        result["edge_vs_raw_p50"] = round(ratio, 3)
+        lat = result["latency_ms"]
+        result["edge_vs_raw_p50"] = round(lat["edge"]["p50"] / lat["raw"]["p50"], 3)
+        result["edge_vs_raw_paced_p50"] = round(lat["edge"]["p50"] / lat["raw_paced"]["p50"], 3)
         runner.close()
         runner = None
 
@@ -439,7 +449,9 @@ def markdown(r: dict) -> str:
         )
     lines += [
         "",
-        f"Edge p50 / raw runtime p50: **{r['edge_vs_raw_p50']:.2f}x** (target <= 1.15x). "
+        f"Edge p50 / raw runtime p50: **{r['edge_vs_raw_p50']:.2f}x** back to back, "
+        f"**{r['edge_vs_raw_paced_p50']:.2f}x** paced ({1000 * PACE_S:.0f} ms idle between calls); "
+        "target <= 1.15x. "
         "Inside the edge server during this phase (ModelStatistics means): request "
         f"{side['request']:.2f} ms, queue {side['queue']:.2f} ms, runtime call {side['compute']:.2f} ms.",
         "",
