@@ -386,7 +386,9 @@ def server_search(
             best = lo = rate
         else:
             hi = rate
-        if hi - lo < max(1.0, 0.03 * hi):
+        # Stop when the step is small, or when nothing fits even at 1/16 of `high`: at such rates
+        # the minimum query count would make each run minutes long for no useful answer.
+        if hi - lo < max(1.0, 0.03 * hi) or (not best and hi < high / 16):
             break
     return best, tried
 
