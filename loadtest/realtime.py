@@ -277,7 +277,12 @@ class CameraStream(User):
                 self.inflight.spawn(self._send, frame, due, measured)
             k += 1
             if time.monotonic() - self.last_ok > DEAD_SERVER_S:
-                _fail(self.environment, f"server {self.host} stopped answering for {DEAD_SERVER_S:.0f} s")
+                _fail(
+                    self.environment,
+                    f"server {self.host} stopped answering for {DEAD_SERVER_S:.0f} s "
+                    f"({len(self.inflight)} frames in flight; if the server is up, this load "
+                    "generator is overloaded: add workers)",
+                )
                 return
 
     def _send(self, frame, due: float, measured: bool) -> None:
