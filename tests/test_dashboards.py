@@ -179,3 +179,64 @@ def test_prometheus_scrapes_the_edge_server_and_every_panel_and_rule_returns_dat
             prom.terminate()
             prom.wait(20)
         srv.stop()
+
+
+@needs_prometheus
+@pytest.mark.slow
+def test_triton_panels_and_rules_return_data(small_repository: Path, data_root: Path, tmp_path: Path):
+    """The real tritonserver under short load, scraped by a real Prometheus: Triton's averages have data."""
+    from serving.triton.launcher import TritonConfig, TritonServer
+
+    grpc_port, metrics_port = free_port(), free_port()
+    triton = TritonServer(
+        TritonConfig(
+            small_repository,
+            grpc_port=grpc_port,
+            http_port=free_port(),
+            metrics_port=metrics_port,
+            models=[OV],
+            work_dir=tmp_path / "triton",
+        )
+    )
+    triton.start(timeout=300)
+    prom = None
+    try:
+        config = yaml.safe_load((DASH / "prometheus" / "prometheus.yml").read_text())
+        config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+        config["rule_files"] = [str(DASH / "prometheus" / "rules.yml")]
+        job = next(j for j in config["scrape_configs"] if j["job_name"] == "triton")
+        job["static_configs"][0]["targets"] = [f"127.0.0.1:{metrics_port}"]
+        config["scrape_configs"] = [job]
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        prom = subprocess.Popen(
+            [
+                PROMETHEUS,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        frames = load_frames("imagenet-val", 20, "tensor", OV, small_repository, data_root)
+        target = sc.Target(f"127.0.0.1:{grpc_port}", OV)
+        settings = sc.TestSettings(
+            "streams", streams=1, fps=20, min_duration_s=8.0, warmup_s=0.0, min_query_count=10
+        )
+        sc.run(target, frames, settings)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not query(port, "triton:queue_duration_ms:avg1m"):
+            time.sleep(1)
+        for title, expr in panel_queries():
+            if "nv_inference" in expr:
+                assert query(port, expr), f"panel {title!r}: no data for {expr}"
+        for rule in rules():
+            if rule.get("record", "").startswith("triton:"):
+                assert query(port, rule["record"]), rule["record"]
+    finally:
+        if prom is not None:
+            prom.terminate()
+            prom.wait(20)
+        triton.stop()
