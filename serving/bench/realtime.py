@@ -53,6 +53,10 @@ class RealtimeSettings:
             raise RtqError("--images, --seconds, --fps and --slo-ms must be positive")
         if not self.variants:
             raise RtqError("no variants given")
+        if self.input == "jpeg" and "triton" in self.servers:
+            raise RtqError(
+                "JPEG input is edge-only (Triton's python backend takes FP32 tensors); add --servers edge"
+            )
 
 
 def add_arguments(sp: argparse.ArgumentParser) -> None:
@@ -326,7 +330,7 @@ def _locust(kind: str, url: str, model: str, users: int, s: RealtimeSettings, ou
 
 
 def _run_server(
-    kind: str, repository: Path, s: RealtimeSettings, frames, manifests, out: Path, log
+    kind: str, repository: Path, s: RealtimeSettings, frames, tensor_frames, out: Path, log
 ) -> ServerRun:
     from serving.bench import scenarios as sc
 
@@ -353,7 +357,8 @@ def _run_server(
                 res["accuracy"] = acc.to_dict()
                 ss = sc.run(target, frames, base)
                 res["single_stream"] = ss.to_dict()
-                off = sc.run(target, frames, replace(base, scenario="offline", min_query_count=5))
+                # Offline sends batched FP32 tensors whatever the stream encoding.
+                off = sc.run(target, tensor_frames, replace(base, scenario="offline", min_query_count=5))
                 res["offline"] = off.to_dict()
                 high = max(10.0, 1.1 * off.metrics["samples_per_s"])
                 best, tried = sc.server_search(
@@ -454,7 +459,7 @@ def run_realtime(
         log(f"offline reference top-1 on the same {len(frames)} images")
         result["offline_accuracy"] = _offline_reference(repository, list(s.variants), tensor_frames)
         for kind in s.servers:
-            r = _run_server(kind, repository, s, frames, manifests, work, log)
+            r = _run_server(kind, repository, s, frames, tensor_frames, work, log)
             result["servers"][kind] = asdict(r)
     except RtqError as exc:
         result["errors"].append(str(exc))
