@@ -17,6 +17,8 @@ Rows in Locust's stats (and --csv files):
 With --csv PREFIX, PREFIX_realtime.csv / .json add exact p50/p90/p99 (1% buckets), throughput,
 accuracy, miss rate and load-generator send lag, merged over workers in distributed mode.
 Frames due in the first --warmup-s seconds of each stream are sent but not counted.
+Locust rewrites its own CSV files once a second, so their last second may be missing;
+PREFIX_realtime.csv is written after the run ends and holds every measured frame.
 
 This process must not import OpenVINO or nncf (they hang with gevent); only client code is used.
 """
