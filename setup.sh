@@ -8,5 +8,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev]" -c constraints.txt
+bash scripts/install-prometheus.sh
 echo "setup: .venv ready ($(.venv/bin/python --version)); CLI at .venv/bin/rtq"
