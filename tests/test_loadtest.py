@@ -88,7 +88,7 @@ def edge(small_repository: Path):
     srv.stop()
 
 
-def locust(args: list[str], timeout: float = 90) -> subprocess.CompletedProcess:
+def locust(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([*LOCUST, *args], capture_output=True, text=True, timeout=timeout, cwd=PROJECT_ROOT)
 
 
