@@ -31,7 +31,9 @@ class OnnxRuntimeRunner(Runner):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                _loadable(Path(model_path)), opts, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types for bad files
             raise RtqError(f"ONNX Runtime cannot load {model_path}: {str(exc)[:300]}") from None
         inp = self.session.get_inputs()[0]
