@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -99,31 +98,11 @@ def quantize_qdq_for_tensorrt(
     src: Path, dst: Path, calibration: np.ndarray, input_name: str = "input"
 ) -> Path:
     """Q/DQ INT8 ONNX in the form TensorRT's explicit quantization takes: symmetric s8, float bias."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from serving.quantize.int8_onnxruntime import _ArrayReader
+    from serving.quantize.int8_onnxruntime import quantize_int8
 
     if calibration is None or len(calibration) == 0:
         raise RtqError("the TensorRT INT8 build needs calibration images")
-    with tempfile.TemporaryDirectory() as tmp:
-        prepped = Path(tmp) / "prepped.onnx"
-        quant_pre_process(str(src), str(prepped), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepped),
-            str(dst),
-            _ArrayReader(input_name, calibration),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={
-                "ActivationSymmetric": True,
-                "WeightSymmetric": True,
-                "QuantizeBias": False,  # TensorRT takes float biases; int32 bias DQ is not fused
-            },
-        )
+    quantize_int8(src, dst, calibration, input_name, symmetric=True)
     check_qdq_for_tensorrt(dst)
     return dst
 

@@ -24,7 +24,12 @@ class _ArrayReader(CalibrationDataReader):
         return next(self._batches, None)
 
 
-def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str = "input") -> Path:
+def quantize_int8(
+    src: Path, dst: Path, calibration: np.ndarray, input_name: str = "input", symmetric: bool = False
+) -> Path:
+    """symmetric=True gives the form TensorRT's explicit quantization takes: s8 activations with
+    zero-point 0 and float biases (an int32 bias DQ is not fused there)."""
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False} if symmetric else {}
     with tempfile.TemporaryDirectory() as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         quant_pre_process(str(src), str(prepped), skip_symbolic_shape=True)
@@ -34,8 +39,9 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, input_name: str
             _ArrayReader(input_name, calibration),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            activation_type=QuantType.QUInt8,
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
+            extra_options=extra,
         )
     return dst
