@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -87,10 +86,6 @@ def layers_of(model: onnx.ModelProto) -> list[Layer]:
             )
         )
     return out
-
-
-def load(path: Path) -> onnx.ModelProto:
-    return onnx.load(str(path))
 
 
 def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
