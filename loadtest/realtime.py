@@ -250,7 +250,12 @@ class CameraStream(User):
         if hasattr(self, "inflight"):
             self.inflight.kill(block=False)
         if hasattr(self, "client"):
-            self.client.close()
+            client = self.client
+            del self.client
+            client.close()
+            # tritonclient's __del__ closes the channel a second time: let that happen now, while the
+            # gevent hub runs; at interpreter exit that second close blocks forever.
+            del client
 
     @task
     def stream(self) -> None:

@@ -49,6 +49,22 @@ def runner(small_repository: Path):
     yield r
 
 
+class GatedRunner:
+    """A real runner whose compute waits for `gate`: holds a batch in flight for as long as a test
+    needs, instead of hoping the machine is slow enough."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.gate = threading.Event()
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        assert self.gate.wait(30)
+        return self.inner.infer(x)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, 224, 224), dtype=np.float32)
 
@@ -93,14 +109,18 @@ def test_an_idle_model_does_not_wait_out_the_queue_delay(runner):
 
 def test_expired_requests_are_dropped_before_compute(runner):
     rec = Recorder()
-    batcher = ModelBatcher([runner], BatchPolicy(max_batch_size=8), rec.observer())
+    gated = GatedRunner(runner)
+    batcher = ModelBatcher([gated], BatchPolicy(max_batch_size=8), rec.observer())
     try:
         batcher.submit(Pending(images(8, 0), None, rec.done(0)))
-        assert rec.taken.wait(10)  # the first batch is computing now
+        assert rec.taken.wait(10)  # the first batch is held in compute now
         batcher.submit(Pending(images(1, 1), time.monotonic() + 0.0005, rec.done(1)))
         batcher.submit(Pending(images(2, 2), None, rec.done(2)))
+        time.sleep(0.01)  # past the second request's deadline
+        gated.gate.set()
         rec.wait(3)
     finally:
+        gated.gate.set()
         batcher.stop()
     assert isinstance(rec.answers[1][1], Expired)
     assert rec.answers[0][1] is None and rec.answers[2][1] is None
@@ -109,12 +129,14 @@ def test_expired_requests_are_dropped_before_compute(runner):
 
 def test_a_full_queue_refuses_and_stop_finishes_the_queue(runner):
     rec = Recorder()
-    batcher = ModelBatcher([runner], BatchPolicy(max_batch_size=8, max_queue_size=2), rec.observer())
+    gated = GatedRunner(runner)
+    batcher = ModelBatcher([gated], BatchPolicy(max_batch_size=8, max_queue_size=2), rec.observer())
     batcher.submit(Pending(images(8, 0), None, rec.done(0)))
-    assert rec.taken.wait(10)
+    assert rec.taken.wait(10)  # taken off the queue and held in compute
     batcher.submit(Pending(images(8, 1), None, rec.done(1)))
     batcher.submit(Pending(images(8, 2), None, rec.done(2)))
     with pytest.raises(QueueFull):
         batcher.submit(Pending(images(1, 3), None, rec.done(3)))
+    gated.gate.set()
     batcher.stop()  # drains what was accepted
     assert sorted(rec.answers) == [0, 1, 2] and all(exc is None for _, exc in rec.answers.values())

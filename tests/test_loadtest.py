@@ -189,20 +189,26 @@ def test_master_and_two_workers(edge, tmp_path: Path):
         text=True,
         cwd=PROJECT_ROOT,
     )
-    workers = [
-        subprocess.Popen(
-            [*LOCUST, "--worker", "--master-host", "127.0.0.1", "--master-port", str(port), *common],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=PROJECT_ROOT,
-        )
-        for _ in range(2)
-    ]
+    # Worker logs go to files: an unread pipe fills up and blocks a worker that has much to say.
+    worker_logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+    workers = []
+    for log in worker_logs:
+        with log.open("w") as sink:
+            workers.append(
+                subprocess.Popen(
+                    [*LOCUST, "--worker", "--master-host", "127.0.0.1", "--master-port", str(port), *common],
+                    stdout=subprocess.DEVNULL,
+                    stderr=sink,
+                    cwd=PROJECT_ROOT,
+                )
+            )
     try:
         _, err = master.communicate(timeout=120)
-        for w in workers:
-            w.wait(timeout=30)
+        for w, log in zip(workers, worker_logs, strict=True):
+            try:
+                w.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"a worker outlived its master; its log ends:\n{log.read_text()[-2000:]}")
     finally:
         for p in (master, *workers):
             if p.poll() is None:
