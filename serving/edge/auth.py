@@ -47,8 +47,15 @@ def read_token(value: str | None, path: Path | None) -> str | None:
     return value or None
 
 
-def server_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
+def server_credentials(cert: Path, key: Path, client_ca: Path | None = None) -> grpc.ServerCredentials:
+    """TLS credentials; with `client_ca`, mutual TLS: a client without a certificate signed by that CA
+    fails the handshake and never reaches a handler."""
     try:
-        return grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+        pair = (key.read_bytes(), cert.read_bytes())
+        if client_ca is None:
+            return grpc.ssl_server_credentials([pair])
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=client_ca.read_bytes(), require_client_auth=True
+        )
     except OSError as exc:
         raise RtqError(f"cannot read TLS certificate or key: {exc.filename}: {exc.strerror}") from None

@@ -52,6 +52,12 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain for TLS")
     sp.add_argument("--tls-key", type=Path, default=None, help="PEM private key for TLS")
     sp.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="PEM CA bundle: require client certificates signed by it (mutual TLS)",
+    )
+    sp.add_argument(
         "--grace",
         type=float,
         default=10.0,
@@ -77,6 +83,7 @@ def serve_main(args: argparse.Namespace) -> int:
         token=read_token(args.token, args.token_file),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
         models=args.models,
         threads=args.threads,
         grace_s=args.grace,
@@ -96,6 +103,7 @@ def serve_main(args: argparse.Namespace) -> int:
                 "grpc": f"{config.host}:{server.grpc_port}",
                 "metrics": metrics,
                 "tls": bool(config.tls_cert),
+                "mutual_tls": bool(config.tls_client_ca),
                 "token": bool(config.token),
             },
             f"rtq serve: gRPC on {config.host}:{server.grpc_port}, metrics {metrics}; loading models",

@@ -39,6 +39,7 @@ class EdgeConfig:
     token: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: mutual TLS, clients need a certificate signed by this CA
     models: list[str] | None = None  # None: every variant of the repository
     threads: int | None = None  # None: each config's intra-op threads
     grace_s: float = 10.0
@@ -55,6 +56,8 @@ class EdgeServer:
             raise RtqError(f"{config.repository} holds no variants; run `rtq build` or pass --repository")
         if bool(config.tls_cert) != bool(config.tls_key):
             raise RtqError("TLS needs both --tls-cert and --tls-key")
+        if config.tls_client_ca and not config.tls_cert:
+            raise RtqError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         # Every variant is known (not ready, "loading") from the first request on.
         self.models: dict[str, ServedModel] = {
             n: ServedModel(name=n, version="1", labels=("", "", "")) for n in names
@@ -94,7 +97,8 @@ class EdgeServer:
         try:
             if self.config.tls_cert:
                 port = self._server.add_secure_port(
-                    address, server_credentials(self.config.tls_cert, self.config.tls_key)
+                    address,
+                    server_credentials(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca),
                 )
             else:
                 port = self._server.add_insecure_port(address)
