@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from serving.edge.server import EdgeConfig, EdgeServer
+from serving.errors import RtqError
+from serving.repository.layout import open_variant
 
 MODEL = "efficientnet_lite0-int8-onnxruntime"
 
@@ -73,35 +76,36 @@ def test_bearer_token_is_required_and_failures_are_counted(small_repository: Pat
         srv.stop()
 
 
-def self_signed(tmp: Path) -> tuple[Path, Path]:
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
+def openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def certificate_authority(tmp: Path, name: str) -> tuple[Path, Path]:
+    cert, key = tmp / f"{name}-ca.pem", tmp / f"{name}-ca.key"
+    openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name} CA",
+        "-keyout", str(key), "-out", str(cert),
+    )  # fmt: skip
+    return cert, key
+
+
+def signed(tmp: Path, name: str, ca: tuple[Path, Path], san: str | None = None) -> tuple[Path, Path]:
+    """A key and a certificate for `name` signed by `ca` (an openssl CSR, then `x509 -req`)."""
+    cert, key, csr, ext = (tmp / f"{name}.pem", tmp / f"{name}.key", tmp / f"{name}.csr", tmp / f"{name}.ext")
+    openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(csr)
     )
+    ext.write_text(f"subjectAltName={san}\n" if san else "extendedKeyUsage=clientAuth\n")
+    openssl(
+        "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
+        "-days", "1", "-extfile", str(ext), "-out", str(cert),
+    )  # fmt: skip
     return cert, key
 
 
 def test_tls_serves_tls_clients_only(small_repository: Path, tmp_path: Path):
-    cert, key = self_signed(tmp_path)
+    ca = certificate_authority(tmp_path, "ours")
+    cert, key = signed(tmp_path, "server", ca, san="IP:127.0.0.1,DNS:localhost")
     srv = EdgeServer(
         EdgeConfig(
             small_repository, grpc_port=0, metrics_port=None, models=[MODEL], tls_cert=cert, tls_key=key
@@ -109,13 +113,109 @@ def test_tls_serves_tls_clients_only(small_repository: Path, tmp_path: Path):
     ).start()
     try:
         url = f"127.0.0.1:{srv.grpc_port}"
-        secure = grpcclient.InferenceServerClient(url, ssl=True, root_certificates=str(cert))
+        secure = grpcclient.InferenceServerClient(url, ssl=True, root_certificates=str(ca[0]))
         assert secure.infer(MODEL, one_image()).as_numpy("logits").shape == (1, 1000)
         secure.close()
         plain = grpcclient.InferenceServerClient(url)
         with pytest.raises(InferenceServerException):
             plain.infer(MODEL, one_image(), client_timeout=5)
         plain.close()
+    finally:
+        srv.stop()
+
+
+def test_mutual_tls_serves_only_clients_with_a_ca_signed_certificate(small_repository: Path, tmp_path: Path):
+    ours, rogue = certificate_authority(tmp_path, "ours"), certificate_authority(tmp_path, "rogue")
+    server_cert, server_key = signed(tmp_path, "server", ours, san="IP:127.0.0.1,DNS:localhost")
+    good = signed(tmp_path, "camera", ours)
+    bad = signed(tmp_path, "intruder", rogue)
+    srv = EdgeServer(
+        EdgeConfig(
+            small_repository,
+            grpc_port=0,
+            metrics_port=None,
+            models=[MODEL],
+            tls_cert=server_cert,
+            tls_key=server_key,
+            tls_client_ca=ours[0],
+        )
+    ).start()
+    url = f"127.0.0.1:{srv.grpc_port}"
+
+    def client(pair: tuple[Path, Path] | None) -> grpcclient.InferenceServerClient:
+        extra = {"certificate_chain": str(pair[0]), "private_key": str(pair[1])} if pair else {}
+        return grpcclient.InferenceServerClient(url, ssl=True, root_certificates=str(ours[0]), **extra)
+
+    try:
+        c = client(good)
+        assert c.infer(MODEL, one_image()).as_numpy("logits").shape == (1, 1000)
+        c.close()
+        for pair in (None, bad):  # no certificate, or one from another CA: the handshake fails
+            c = client(pair)
+            with pytest.raises(InferenceServerException) as exc:
+                c.infer(MODEL, one_image(), client_timeout=10)
+            assert exc.value.status() == "StatusCode.UNAVAILABLE"
+            c.close()
+        c = client(good)  # and the server still serves after refusing both
+        assert c.is_model_ready(MODEL)
+        c.close()
+    finally:
+        srv.stop()
+
+
+def test_model_names_and_versions_from_requests_never_reach_files(small_repository: Path, tmp_path: Path):
+    # A real, loadable variant just outside the repository: traversal that reached the filesystem
+    # would find and serve it.
+    outside = tmp_path / "outside"
+    shutil.copytree(small_repository / MODEL, outside / MODEL)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / MODEL).symlink_to(small_repository / MODEL, target_is_directory=True)
+    srv = EdgeServer(EdgeConfig(repo, grpc_port=0, metrics_port=None, models=[MODEL])).start()
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
+    names = [
+        f"../outside/{MODEL}",
+        f"{tmp_path}/outside/{MODEL}",
+        f"..%2Foutside%2F{MODEL}",
+        f"{MODEL}/../../outside/{MODEL}",
+        f"{MODEL}\x00",
+        "../../../../etc/passwd",
+    ]
+    try:
+        for name in names:
+            for call in (
+                lambda n: c.infer(n, one_image()),
+                lambda n: c.get_model_metadata(n),
+                lambda n: c.get_model_config(n),
+                lambda n: c.get_inference_statistics(n),
+            ):
+                with pytest.raises(InferenceServerException) as exc:
+                    call(name)
+                assert exc.value.status() == "StatusCode.NOT_FOUND", (name, exc.value.message())
+            assert not c.is_model_ready(name)
+        for version in ("../1", "1/../../outside", "/etc/passwd", "2"):
+            with pytest.raises(InferenceServerException) as exc:
+                c.infer(MODEL, one_image(), model_version=version)
+            assert exc.value.status() == "StatusCode.NOT_FOUND" and "unknown version" in exc.value.message()
+        assert c.infer(MODEL, one_image()).as_numpy("logits").shape == (1, 1000)
+    finally:
+        c.close()
+        srv.stop()
+
+
+def test_a_manifest_pointing_outside_its_variant_is_refused(small_repository: Path, tmp_path: Path):
+    repo = tmp_path / "repo"
+    shutil.copytree(small_repository / MODEL, repo / MODEL)
+    manifest = repo / MODEL / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["model_file"] = f"../../../{MODEL}/1/{data['model_file']}"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(RtqError, match="model_file must be a plain file name"):
+        open_variant(repo, MODEL)
+    srv = EdgeServer(EdgeConfig(repo, grpc_port=0, metrics_port=None)).start()
+    try:
+        served = srv.models[MODEL]
+        assert not served.ready and "model_file must be a plain file name" in served.reason
     finally:
         srv.stop()
 
@@ -200,6 +300,8 @@ def test_sigterm_drains_in_flight_requests_then_exits(small_repository: Path):
         (["--repository", "/nonexistent/repo"], "holds no variants"),
         (["--tls-cert", "/tmp/cert.pem"], "TLS needs both --tls-cert and --tls-key"),
         (["--token-file", "/nonexistent/token"], "cannot read token file"),
+        (["--tls-client-ca", "/tmp/ca.pem"], "--tls-client-ca (mutual TLS) needs --tls-cert"),
+        (["--models", "../outside"], "invalid variant name '../outside'"),
     ],
 )
 def test_serve_refuses_bad_setups_in_one_line(small_repository: Path, args: list[str], words: str):

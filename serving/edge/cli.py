@@ -70,9 +70,12 @@ def serve_main(args: argparse.Namespace) -> int:
     from serving.edge.auth import read_token
     from serving.edge.server import EdgeConfig, EdgeServer
     from serving.errors import RtqError
+    from serving.repository.layout import check_variant_name
 
     if args.max_message_mb <= 0:
         raise RtqError("--max-message-mb must be positive")
+    for name in args.models or ():
+        check_variant_name(name)
     config = EdgeConfig(
         repository=Path(args.repository),
         host=args.host,

@@ -74,6 +74,11 @@ def read_manifest(folder: Path) -> dict:
     missing = [k for k in MANIFEST_KEYS if k not in manifest]
     if missing:
         raise RtqError(f"{path} lacks keys {missing}")
+    # A copied or hostile repository must not point a server at files outside the variant folder.
+    model_file = manifest["model_file"]
+    plain = isinstance(model_file, str) and Path(model_file).name == model_file
+    if not plain or model_file in ("", ".", ".."):
+        raise RtqError(f"{path}: model_file must be a plain file name inside the variant, not {model_file!r}")
     return manifest
 
 
