@@ -171,15 +171,31 @@ class ModelBatcher:
             try:
                 x = batch[0].batch if len(batch) == 1 else np.concatenate([p.batch for p in batch])
                 logits = runner.infer(x)
+                # Rows are handed out by position: a runner answering the wrong count would give
+                # requests each other's (or no) results.
+                rows = getattr(logits, "shape", (None,))[0]
+                if rows != x.shape[0]:
+                    raise RuntimeError(f"runner returned {rows} rows for a batch of {x.shape[0]} images")
             except Exception as exc:  # a runtime failure fails this batch, not the instance
-                for p in batch:
-                    p.done(None, exc)
+                self._settle([(p, None, exc) for p in batch])
                 continue
             self.observer.computed(int(x.shape[0]), time.monotonic() - start)
             offset = 0
+            answers = []
             for p in batch:
-                p.done(logits[offset : offset + p.size], None)
+                answers.append((p, logits[offset : offset + p.size], None))
                 offset += p.size
+            self._settle(answers)
+
+    @staticmethod
+    def _settle(answers: list[tuple[Pending, np.ndarray | None, BaseException | None]]) -> None:
+        # A failing callback (its event loop already closed) must not end this instance thread or
+        # leave the rest of the batch unanswered.
+        for p, logits, exc in answers:
+            try:
+                p.done(logits, exc)
+            except Exception:  # noqa: BLE001, S112
+                continue
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is queued, then stop the instance threads and close the runners."""

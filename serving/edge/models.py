@@ -2,10 +2,19 @@
 
 A variant that cannot load (bad file, bad config, unknown backend) becomes a not-ready entry with
 its reason, and the others serve normally.
+
+Runners open a private snapshot of the variant's version folder, unlinked right after loading:
+OpenVINO maps the weights file into memory, and truncating the repository's copy while it serves
+would otherwise kill the whole process with SIGBUS. The repository files are then watched
+(`ServedModel.check_files`): a variant whose files are removed or changed turns not-ready with the
+reason, and ready again if they come back unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +56,78 @@ class Stats:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+@dataclass(frozen=True)
+class _Stamp:
+    """What a cheap stat() says about a file; ctime and inode also catch in-place writes that keep
+    the mtime and replacement by rename."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path) -> _Stamp:
+        st = path.stat()
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class FileWatch:
+    """The files a variant was loaded from, as they were then: stat stamps and content hashes.
+
+    `problem()` stats every file (cheap, every few seconds); only a file whose stamp moved is hashed
+    again, so a touch or an identical copy put back is not a fault.
+    """
+
+    root: Path
+    files: dict[str, tuple[_Stamp, str]]  # relative path -> (stamp, sha256)
+
+    @classmethod
+    def of(cls, root: Path, names: list[str]) -> FileWatch:
+        files = {}
+        for rel in names:
+            path = root / rel
+            stamp = _Stamp.of(path)
+            files[rel] = (stamp, _sha256(path))
+        return cls(root, files)
+
+    def problem(self) -> str | None:
+        for rel, (stamp, digest) in list(self.files.items()):
+            path = self.root / rel
+            try:
+                now = _Stamp.of(path)
+            except FileNotFoundError:
+                return f"{rel} was removed while serving; restore it or restart to serve this variant"
+            except OSError as exc:
+                return f"{rel} cannot be read while serving: {exc.strerror}"
+            if now == stamp:
+                continue
+            try:
+                same = _sha256(path) == digest
+            except OSError as exc:
+                return f"{rel} cannot be read while serving: {exc.strerror}"
+            if not same:
+                return (
+                    f"{rel} changed while serving ({stamp.size} -> {now.size} bytes); the loaded "
+                    "copy no longer matches the repository: restore it or restart to serve this variant"
+                )
+            self.files[rel] = (now, digest)
+        return None
+
+
+def _variant_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
 @dataclass
 class ServedModel:
     name: str
@@ -58,10 +139,26 @@ class ServedModel:
     class_names: tuple[str, ...] = ()
     reason: str = "loading"
     stats: Stats = field(default_factory=Stats)
+    watch: FileWatch | None = None
+    ready_gauge: object | None = None  # rtq_model_ready child, set when the state flips
 
     @property
     def ready(self) -> bool:
-        return self.batcher is not None
+        # A loaded variant whose files went bad keeps its batcher (queued requests still finish)
+        # but takes no new requests: the reason says why.
+        return self.batcher is not None and not self.reason
+
+    def check_files(self) -> bool:
+        """Compare the repository files with what was loaded; True when the readiness changed."""
+        if self.watch is None or self.batcher is None:
+            return False
+        problem = self.watch.problem() or ""
+        if problem == self.reason:
+            return False
+        self.reason = problem
+        if self.ready_gauge is not None:
+            self.ready_gauge.set(0 if problem else 1)
+        return True
 
     @cached_property  # per request otherwise; the manifest never changes once loaded
     def preprocessing(self) -> Preprocessing:
@@ -153,12 +250,31 @@ def load_model(
         policy = policy_of(served.config, default_max_queue)
         threads = threads_override or threads_of(served.config, variant.manifest)
         warm = np.zeros((1, *served.image_shape), dtype=np.float32)
-        for _ in range(policy.instances):
-            runner = open_runner(
-                variant.manifest["backend"], variant.model_path, variant.manifest["precision"], threads
-            )
-            runners.append(runner)
-            runner.infer(warm)  # first inference compiles kernels; keep it off the first request
+        watched = _variant_files(variant.root)
+        served.watch = FileWatch.of(variant.root, watched)
+        snapshot = Path(tempfile.mkdtemp(prefix=f"rtq-{name}-"))
+        try:
+            version_dir = variant.model_path.parent
+            shutil.copytree(version_dir, snapshot / version_dir.name, dirs_exist_ok=True)
+            model_path = snapshot / version_dir.name / variant.model_path.name
+            for _ in range(policy.instances):
+                runner = open_runner(
+                    variant.manifest["backend"], model_path, variant.manifest["precision"], threads
+                )
+                runners.append(runner)
+                runner.infer(warm)  # first inference compiles kernels; keep it off the first request
+        except Exception as exc:  # name the repository's file, not the snapshot that is gone
+            text = str(exc).replace(str(snapshot / version_dir.name), str(version_dir))
+            if not isinstance(exc, RtqError):
+                text = f"{type(exc).__name__}: {text.strip().splitlines()[0][:300] if text else ''}"
+            raise RtqError(text) from None
+        finally:
+            # Unlinked files stay readable by the runners that mapped them, and nobody can change them.
+            shutil.rmtree(snapshot, ignore_errors=True)
+        # A file changed between fingerprint and copy would leave the two out of step: check now.
+        problem = served.watch.problem()
+        if problem:
+            raise RtqError(problem)
         served.batcher = ModelBatcher(runners, policy, _observer(metrics, served.labels, served.stats))
         served.reason = ""
     except RtqError as exc:
@@ -169,7 +285,8 @@ def load_model(
         for r in runners:
             r.close()
     if served.labels[0]:
-        metrics.model_ready.labels(*served.labels).set(1 if served.ready else 0)
+        served.ready_gauge = metrics.model_ready.labels(*served.labels)
+        served.ready_gauge.set(1 if served.ready else 0)
     return served
 
 

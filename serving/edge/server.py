@@ -44,6 +44,8 @@ class EdgeConfig:
     threads: int | None = None  # None: each config's intra-op threads
     grace_s: float = 10.0
     handler_threads: int = 4  # image decoding pool
+    # How often each loaded variant's files are compared with what was loaded (None: never).
+    watch_interval_s: float | None = 2.0
 
 
 class EdgeServer:
@@ -79,6 +81,7 @@ class EdgeServer:
         self._stopped: asyncio.Event | None = None
         self._error: BaseException | None = None
         self.loaded = threading.Event()
+        self._watch_stop = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def _start_grpc(self) -> None:
@@ -152,10 +155,22 @@ class EdgeServer:
         self._started.set()
         loader = threading.Thread(target=self._load, args=(on_loaded,), name="loader", daemon=True)
         loader.start()
+        if self.config.watch_interval_s:
+            threading.Thread(target=self._watch, name="file-watch", daemon=True).start()
         await self._stopped.wait()
         await self._drain()
 
+    def _watch(self) -> None:
+        """Turn a variant not-ready (with the reason) while its repository files are gone or changed."""
+        while not self._watch_stop.wait(self.config.watch_interval_s):
+            for m in list(self.models.values()):
+                try:
+                    m.check_files()
+                except Exception:  # noqa: BLE001, S112 - a watcher failure must never stop serving
+                    continue
+
     async def _drain(self) -> None:
+        self._watch_stop.set()
         self.service.draining = True
         # New RPCs are refused from here; running ones get up to grace_s to finish.
         await self._server.stop(self.config.grace_s)
