@@ -8,6 +8,10 @@ largest preferred size that is already queued, and otherwise a wait of at most
 `max_queue_delay_microseconds` for the next preferred size. The wait is spent only when requests
 arrive faster than the delay (estimated from recent inter-arrival times): under light load,
 waiting could never fill a batch and would only add the whole delay to every request.
+
+Admission: a full queue refuses at once (QueueFull), and so does a request whose deadline is
+shorter than the work already queued ahead of it (CannotMeetDeadline, from the recent compute time
+per image): under overload the excess is refused fast instead of timing out in the queue.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from serving.runtimes.base import Runner
 
 # Smoothing of the inter-arrival estimate: ~10 recent requests dominate.
 _EWMA = 0.2
+# Smoothing of compute seconds per image, for the wait a new request faces.
+_COMPUTE_EWMA = 0.1
 
 
 class QueueFull(Exception):
@@ -32,6 +38,10 @@ class QueueFull(Exception):
 
 class Expired(Exception):
     """The request's deadline passed while it waited; it was dropped before compute."""
+
+
+class CannotMeetDeadline(Expired):
+    """Refused on arrival: the work queued ahead would outlast the request's deadline."""
 
 
 class ModelStopped(Exception):
@@ -82,6 +92,8 @@ class ModelBatcher:
         self._stopping = False
         self._last_arrival: float | None = None
         self._interarrival = float("inf")
+        self._per_image_s: float | None = None  # None until a batch has run
+        self._queued_images = 0
         self._threads = [
             threading.Thread(target=self._loop, args=(r,), name=f"instance-{i}", daemon=True)
             for i, r in enumerate(runners)
@@ -96,6 +108,13 @@ class ModelBatcher:
             if len(self._queue) >= self.policy.max_queue_size:
                 raise QueueFull()
             now = item.enqueued
+            if item.deadline is not None and self._per_image_s is not None:
+                # Under overload a request that cannot be served in time is told so at once,
+                # instead of waiting out its whole deadline in the queue and being dropped then.
+                wait = (self._queued_images + item.size) * self._per_image_s / self.policy.instances
+                if now + wait > item.deadline:
+                    item.done(None, CannotMeetDeadline())
+                    return
             if self._last_arrival is not None:
                 gap = now - self._last_arrival
                 self._interarrival = (
@@ -105,6 +124,7 @@ class ModelBatcher:
                 )
             self._last_arrival = now
             self._queue.append(item)
+            self._queued_images += item.size
             self.observer.depth(len(self._queue))
             self._cond.notify_all()
 
@@ -124,6 +144,7 @@ class ModelBatcher:
             head = self._queue[0]
             if head.deadline is not None and head.deadline <= now:
                 self._queue.popleft()
+                self._queued_images -= head.size
                 head.done(None, Expired())
                 continue
             if total + head.size > self.policy.max_batch_size:
@@ -138,6 +159,7 @@ class ModelBatcher:
                 for p in reversed(batch[cuts[-1] :]):
                     self._queue.appendleft(p)
                 batch = batch[: cuts[-1]]
+        self._queued_images -= sum(p.size for p in batch)
         return batch
 
     def _gather(self) -> list[Pending] | None:
@@ -179,7 +201,15 @@ class ModelBatcher:
             except Exception as exc:  # a runtime failure fails this batch, not the instance
                 self._settle([(p, None, exc) for p in batch])
                 continue
-            self.observer.computed(int(x.shape[0]), time.monotonic() - start)
+            seconds = time.monotonic() - start
+            self.observer.computed(int(x.shape[0]), seconds)
+            per_image = seconds / max(1, int(x.shape[0]))
+            with self._cond:
+                self._per_image_s = (
+                    per_image
+                    if self._per_image_s is None
+                    else (1 - _COMPUTE_EWMA) * self._per_image_s + _COMPUTE_EWMA * per_image
+                )
             offset = 0
             answers = []
             for p in batch:
@@ -207,5 +237,6 @@ class ModelBatcher:
         with self._cond:
             while self._queue:
                 self._queue.popleft().done(None, ModelStopped())
+            self._queued_images = 0
         for r in self._runners:
             r.close()
