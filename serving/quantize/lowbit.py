@@ -31,11 +31,7 @@ class WeightQuant:
 
     @property
     def qmin(self) -> int:
-        # 8-bit symmetric uses the narrow range [-127, 127] as ONNX Runtime's own quantizer does:
-        # ORT's mixed-plan results collapsed with -128 weights while OpenVINO's did not.
-        if self.symmetric:
-            return -(2 ** (self.bits - 1)) + (1 if self.bits == 8 else 0)
-        return 0
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
 
     @property
     def qmax(self) -> int:
