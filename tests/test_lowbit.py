@@ -194,6 +194,8 @@ def test_packed_w4a8_variant_runs_on_int8_kernels_on_both_backends(
     with open_runner("onnxruntime", dst, "w4a8") as ort_runner, open_runner("openvino", dst, "w4a8") as ov:
         a, b = ort_runner.infer(x), ov.infer(x)
         assert ov.conv_precisions() == {"u8": 49}  # every conv on INT8 kernels, none dequantized per run
+        # ORT fuses DQ -> Conv -> Q only when each bias scale is input scale x weight scale.
+        assert ort_runner.conv_kernels() == {"int8": 49}
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.75
     with pytest.raises(RtqError, match="activations have no integer kernels"):
         build_lowbit(path, parse_plan({"name": "w4a4", "activations": {"bits": 4}}), calib, dst)
@@ -219,6 +221,7 @@ def test_a_spec_with_a_plan_builds_served_packed_variants(tmp_path: Path, data_r
         assert m["model_file"] == "model.onnx" and m["lowbit"]["packed"] == {"int4": 48}
         assert 4.0 < m["weight_bits"] < 6.5 and m["compression_vs_fp32"] > 4.5
         assert m["agreement_fp32"]["imagenet-val"] > 0.5
+    assert manifests[0]["runtime"]["conv_kernels"] == {"int8": 49}
     assert manifests[1]["runtime"]["conv_precisions"] == {"u8": 49}
     with pytest.raises(RtqError, match="precision plan missing.yaml not found"):
         parse_spec({"models": [{"model": "efficientnet_lite0", "plans": ["missing.yaml"]}]},

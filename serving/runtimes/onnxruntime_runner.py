@@ -45,6 +45,33 @@ class OnnxRuntimeRunner(Runner):
     def execution_precision(self) -> str:
         return self.declared_precision
 
+    def conv_kernels(self) -> dict[str, int]:
+        """Convolutions after ORT's graph fusions, e.g. {"int8": 49}: a QDQ conv ORT could not fuse
+        runs in float and counts as "float" (proof of what runs, as OpenVINO's conv_precisions)."""
+        import tempfile
+
+        import onnx
+
+        opts = ort.SessionOptions()
+        # Extended: the QDQ fusions without the CPU-layout rewrite (NCHWc) that renames convolutions.
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.log_severity_level = 3
+        with tempfile.TemporaryDirectory() as tmp:
+            opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+            ort.InferenceSession(_loadable(self.model_path), opts, providers=["CPUExecutionProvider"])
+            nodes = onnx.load(opts.optimized_model_filepath, load_external_data=False).graph.node
+        counts: dict[str, int] = {}
+        for n in nodes:
+            kind = {"QLinearConv": "int8", "ConvInteger": "int8", "Conv": "float", "FusedConv": "float"}.get(
+                n.op_type
+            )
+            if kind:
+                counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+    def describe(self) -> dict:
+        return super().describe() | {"conv_kernels": self.conv_kernels()}
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = check_batch(batch, self.input_shape)
         return self.session.run([self.output_name], {self.input_name: batch})[0]
