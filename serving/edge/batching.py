@@ -11,11 +11,12 @@ waiting could never fill a batch and would only add the whole delay to every req
 
 Admission: a full queue refuses at once (QueueFull), and so does a request whose deadline is
 shorter than the work already queued ahead of it (CannotMeetDeadline, from the recent compute time
-per image): under overload the excess is refused fast instead of timing out in the queue.
+per batch): under overload the excess is refused fast instead of timing out in the queue.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -28,7 +29,7 @@ from serving.runtimes.base import Runner
 
 # Smoothing of the inter-arrival estimate: ~10 recent requests dominate.
 _EWMA = 0.2
-# Smoothing of compute seconds per image, for the wait a new request faces.
+# Smoothing of the compute time per batch, for the wait a new request faces.
 _COMPUTE_EWMA = 0.1
 
 
@@ -92,8 +93,9 @@ class ModelBatcher:
         self._stopping = False
         self._last_arrival: float | None = None
         self._interarrival = float("inf")
-        self._per_image_s: float | None = None  # None until a batch has run
+        self._batch_s: float | None = None  # recent compute time of one batch; None until one ran
         self._queued_images = 0
+        self._computing_images = 0  # in batches being computed now
         self._threads = [
             threading.Thread(target=self._loop, args=(r,), name=f"instance-{i}", daemon=True)
             for i, r in enumerate(runners)
@@ -108,10 +110,13 @@ class ModelBatcher:
             if len(self._queue) >= self.policy.max_queue_size:
                 raise QueueFull()
             now = item.enqueued
-            if item.deadline is not None and self._per_image_s is not None:
+            if item.deadline is not None and self._batch_s is not None:
                 # Under overload a request that cannot be served in time is told so at once,
                 # instead of waiting out its whole deadline in the queue and being dropped then.
-                wait = (self._queued_images + item.size) * self._per_image_s / self.policy.instances
+                # Counted in batches: what runs now, then the queue ahead and this one, batch by batch.
+                batches = math.ceil((self._queued_images + item.size) / self.policy.max_batch_size)
+                running = 1 if self._computing_images else 0
+                wait = (running + batches) * self._batch_s / self.policy.instances
                 if now + wait > item.deadline:
                     item.done(None, CannotMeetDeadline())
                     return
@@ -142,7 +147,9 @@ class ModelBatcher:
         total = 0
         while self._queue:
             head = self._queue[0]
-            if head.deadline is not None and head.deadline <= now:
+            # One that would finish after its deadline even if computed now is dropped too: its
+            # client has given up by then, and the compute is better spent on the next ones.
+            if head.deadline is not None and head.deadline <= now + (self._batch_s or 0.0):
                 self._queue.popleft()
                 self._queued_images -= head.size
                 head.done(None, Expired())
@@ -159,7 +166,9 @@ class ModelBatcher:
                 for p in reversed(batch[cuts[-1] :]):
                     self._queue.appendleft(p)
                 batch = batch[: cuts[-1]]
-        self._queued_images -= sum(p.size for p in batch)
+        taken = sum(p.size for p in batch)
+        self._queued_images -= taken
+        self._computing_images += taken
         return batch
 
     def _gather(self) -> list[Pending] | None:
@@ -188,6 +197,7 @@ class ModelBatcher:
             if not batch:
                 continue
             start = time.monotonic()
+            images = sum(p.size for p in batch)
             for p in batch:
                 self.observer.queued(start - p.enqueued)
             try:
@@ -199,16 +209,18 @@ class ModelBatcher:
                 if rows != x.shape[0]:
                     raise RuntimeError(f"runner returned {rows} rows for a batch of {x.shape[0]} images")
             except Exception as exc:  # a runtime failure fails this batch, not the instance
+                with self._cond:
+                    self._computing_images -= images
                 self._settle([(p, None, exc) for p in batch])
                 continue
             seconds = time.monotonic() - start
-            self.observer.computed(int(x.shape[0]), seconds)
-            per_image = seconds / max(1, int(x.shape[0]))
+            self.observer.computed(images, seconds)
             with self._cond:
-                self._per_image_s = (
-                    per_image
-                    if self._per_image_s is None
-                    else (1 - _COMPUTE_EWMA) * self._per_image_s + _COMPUTE_EWMA * per_image
+                self._computing_images -= images
+                self._batch_s = (
+                    seconds
+                    if self._batch_s is None
+                    else (1 - _COMPUTE_EWMA) * self._batch_s + _COMPUTE_EWMA * seconds
                 )
             offset = 0
             answers = []

@@ -1,0 +1,663 @@
+"""Overload and soak benchmarks against a running KServe v2 gRPC server (the edge server or Triton).
+
+The load generator is open loop: request k is due at a time fixed in advance (a fixed interval per
+phase), it leaves at that time whether or not earlier ones returned, and its latency counts from
+the due time (no coordinated omission). Each request carries a gRPC deadline of `slo_ms` from its
+due time. Requests are raw ModelInfer messages (tritonclient's protobufs, serialized once), sent on
+grpc.aio without client-side checks or response parsing, so one Python process can offer several
+times what a 2-core server computes.
+
+- `probe_capacity`: closed-loop saturation throughput (requests/s answered OK).
+- `run_overload`: baseline rate, then a burst at `overload_factor` x capacity, then the baseline
+  again: admitted p99, how fast and how the excess is refused, the queue depth the server exported,
+  and how long latency takes to return to the baseline.
+- `run_soak`: `soak_fraction` x capacity for `duration_s`: errors, p99 per window (first vs last)
+  and the server's resident memory (first vs last window).
+
+Both return dataclasses (`asdict` for JSON) and have Markdown renderings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+
+_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+# What a refusal is: the server said no (queue full, or cannot meet the deadline) rather than failed.
+REFUSAL_CODES = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")
+_MAX_MESSAGE = 64 * 1024 * 1024
+
+
+# -- requests ------------------------------------------------------------------------------------
+def infer_request(
+    model: str,
+    shape: tuple[int, ...] = (1, 3, 224, 224),
+    datatype: str = "UINT8",
+    input_name: str = "input",
+    seed: int = 0,
+) -> bytes:
+    """One serialized ModelInferRequest: UINT8 pixels (a camera frame after resize/crop, 150 KB) by
+    default, or an FP32 tensor (600 KB, what Triton's python backend here takes)."""
+    rng = np.random.default_rng(seed)
+    if datatype == "UINT8":
+        x = rng.integers(0, 256, shape, dtype=np.uint8)
+    elif datatype == "FP32":
+        x = rng.uniform(-1, 1, shape).astype("<f4")
+    else:
+        raise ValueError(f"datatype must be UINT8 or FP32, got {datatype!r}")
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name=input_name, datatype=datatype, shape=list(shape))
+    req.raw_input_contents.append(x.tobytes())
+    return req.SerializeToString()
+
+
+@dataclass(frozen=True)
+class Shot:
+    """One request: when it was due, sent and answered (monotonic seconds), and its gRPC code."""
+
+    due: float
+    sent: float
+    finished: float
+    code: str
+
+    @property
+    def latency_ms(self) -> float:
+        return 1000 * (self.finished - self.due)
+
+    @property
+    def answer_ms(self) -> float:
+        """From the moment it left: how fast the server answered (a refusal's speed)."""
+        return 1000 * (self.finished - self.sent)
+
+
+def _schedule(phases: list[tuple[float, float]], start: float) -> list[float]:
+    """Due times for (rate per s, seconds) phases back to back, a fixed interval within each."""
+    due: list[float] = []
+    t = start
+    for rate, seconds in phases:
+        if rate <= 0 or seconds <= 0:
+            t += max(0.0, seconds)
+            continue
+        n = int(math.floor(rate * seconds))
+        due.extend(t + k / rate for k in range(n))
+        t += seconds
+    return due
+
+
+def _channel(url: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(
+        url,
+        options=[
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+        ],
+    )
+
+
+async def _open_loop(url: str, payload: bytes, due_times: list[float], deadline_s: float) -> list[Shot]:
+    shots: list[Shot] = []
+    async with _channel(url) as channel:
+        call = channel.unary_unary(_METHOD)  # bytes in, bytes out: no parsing on this side
+
+        async def one(due: float) -> None:
+            sent = time.monotonic()
+            # The deadline runs from the due time: a late send leaves the server less time.
+            timeout = max(0.001, due + deadline_s - sent)
+            try:
+                await call(payload, timeout=timeout)
+                code = "OK"
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+            shots.append(Shot(due, sent, time.monotonic(), code))
+
+        tasks: set[asyncio.Task] = set()
+        for due in due_times:
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(due))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+    return shots
+
+
+def open_loop(
+    url: str, payload: bytes, phases: list[tuple[float, float]], deadline_s: float
+) -> tuple[float, list[Shot]]:
+    """Send on the schedule of `phases`; returns (start time, shots sorted by due time)."""
+    start = time.monotonic() + 0.2  # the channel connects first
+    shots = asyncio.run(_open_loop(url, payload, _schedule(phases, start), deadline_s))
+    return start, sorted(shots, key=lambda s: s.due)
+
+
+async def _closed_loop(url: str, payload: bytes, concurrency: int, seconds: float, warmup_s: float):
+    ok: list[float] = []
+    errors: Counter[str] = Counter()
+    async with _channel(url) as channel:
+        call = channel.unary_unary(_METHOD)
+        await channel.channel_ready()
+        t0 = time.monotonic()
+        counted_from = t0 + warmup_s
+        stop = counted_from + seconds
+
+        async def worker() -> None:
+            while (now := time.monotonic()) < stop:
+                try:
+                    await call(payload, timeout=10.0)
+                except grpc.aio.AioRpcError as exc:
+                    if now >= counted_from:
+                        errors[exc.code().name] += 1
+                    continue
+                if now >= counted_from:
+                    ok.append(time.monotonic())
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return ok, errors
+
+
+@dataclass
+class Capacity:
+    model: str
+    concurrency: int
+    seconds: float
+    throughput_rps: float  # answered OK per second, warm-up excluded
+    errors: dict[str, int]
+
+
+def probe_capacity(
+    url: str,
+    model: str,
+    seconds: float = 10.0,
+    concurrency: int = 16,
+    warmup_s: float = 2.0,
+    payload: bytes | None = None,
+) -> Capacity:
+    """Closed-loop saturation: `concurrency` requests always in flight; what the server completes."""
+    payload = payload or infer_request(model)
+    ok, errors = asyncio.run(_closed_loop(url, payload, concurrency, seconds, warmup_s))
+    return Capacity(model, concurrency, seconds, round(len(ok) / seconds, 1), dict(errors))
+
+
+# -- sampling the server while it runs ------------------------------------------------------------
+class _Sampler:
+    """Polls a callable every `interval_s` on a thread: (monotonic time, value) pairs."""
+
+    def __init__(self, fn: Callable[[], float | None], interval_s: float):
+        self.fn = fn
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                v = self.fn()
+            except Exception:  # noqa: BLE001 - a missed scrape is a missing sample, not a failure
+                v = None
+            if v is not None:
+                self.samples.append((time.monotonic(), float(v)))
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> _Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def queue_depth_reader(metrics_url: str, model: str) -> Callable[[], float | None]:
+    """rtq_queue_depth of `model` from the edge server's Prometheus endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def read() -> float | None:
+        text = urllib.request.urlopen(metrics_url, timeout=2).read().decode()
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == "rtq_queue_depth" and s.labels.get("model") == model:
+                    return s.value
+        return None
+
+    return read
+
+
+def server_codes(metrics_url: str, model: str) -> Counter[str]:
+    """rtq_requests_total of `model` by gRPC code: what the server itself answered."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    out: Counter[str] = Counter()
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "rtq_requests_total" and s.labels.get("model") == model:
+                out[s.labels["code"]] += int(s.value)
+    return out
+
+
+def rss_reader(pid: int) -> Callable[[], float]:
+    """Resident memory (MiB) of a process and its children."""
+    import psutil
+
+    root = psutil.Process(pid)
+
+    def read() -> float:
+        procs = [root, *root.children(recursive=True)]
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        return total / 2**20
+
+    return read
+
+
+# -- figures -------------------------------------------------------------------------------------
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 3) if values else None
+
+
+def _ok_latencies(shots: list[Shot]) -> list[float]:
+    return [s.latency_ms for s in shots if s.code == "OK"]
+
+
+@dataclass
+class OverloadResult:
+    model: str
+    url: str
+    capacity_rps: float
+    slo_ms: float
+    baseline_rps: float
+    overload_rps: float
+    baseline_s: float
+    overload_s: float
+    recovery_window_s: float
+    queue_limit: int | None
+    # Baseline phase (OK answers, latency from the due time).
+    baseline_p50_ms: float | None = None
+    baseline_p99_ms: float | None = None
+    # Burst phase.
+    overload_sent: int = 0
+    overload_admitted: int = 0  # not refused up front: answered OK or missed the deadline later
+    overload_answered_ok: int = 0
+    overload_missed_deadline: int = 0  # admitted, then DEADLINE_EXCEEDED at ~the deadline
+    overload_ok_rps: float = 0.0
+    # Admitted requests, latency from the due time; a missed deadline counts with its latency.
+    overload_admitted_p50_ms: float | None = None
+    overload_admitted_p99_ms: float | None = None
+    refused_by_code: dict[str, int] = field(default_factory=dict)
+    # How fast the server said no, from the moment the request left (per refusal code and all).
+    refusal_p50_ms: float | None = None
+    refusal_p99_ms: float | None = None
+    refusal_p99_ms_by_code: dict[str, float | None] = field(default_factory=dict)
+    other_errors: dict[str, int] = field(default_factory=dict)  # neither OK nor a refusal
+    # What the server counted itself over the whole run (rtq_requests_total); a client-side
+    # DEADLINE_EXCEEDED that the server never counted timed out before the server could answer.
+    server_answers: dict[str, int] = field(default_factory=dict)
+    max_queue_depth: float | None = None
+    queue_samples: int = 0
+    # After the burst: p99 per window and when it is back within recovery_factor x baseline p99.
+    recovery_threshold_ms: float | None = None
+    recovery_p99_ms: list[float | None] = field(default_factory=list)
+    recovery_s: float | None = None  # None: not back within the recovery phase
+    max_send_lag_ms: float = 0.0  # how late the generator itself sent (should be ~0)
+
+    def checks(self, refusal_limit_ms: float = 5.0, recovery_limit_s: float = 5.0) -> dict[str, bool]:
+        """The issue's criteria, each True when met."""
+        return {
+            "queue bounded": self.max_queue_depth is not None
+            and (self.queue_limit is None or self.max_queue_depth <= self.queue_limit),
+            "admitted p99 within SLO": self.overload_admitted_p99_ms is not None
+            and self.overload_admitted_p99_ms <= self.slo_ms,
+            f"refusal p99 < {refusal_limit_ms:g} ms": self.refusal_p99_ms is not None
+            and self.refusal_p99_ms < refusal_limit_ms,
+            "no errors besides refusals": not self.other_errors,
+            f"recovered within {recovery_limit_s:g} s": self.recovery_s is not None
+            and self.recovery_s <= recovery_limit_s,
+        }
+
+
+def run_overload(
+    url: str,
+    model: str,
+    capacity_rps: float,
+    *,
+    metrics_url: str | None = None,
+    queue_limit: int | None = None,
+    slo_ms: float = 100.0,
+    overload_factor: float = 2.0,
+    baseline_fraction: float = 0.5,
+    baseline_s: float = 10.0,
+    overload_s: float = 60.0,
+    recovery_s: float = 10.0,
+    window_s: float = 0.5,
+    recovery_factor: float = 1.5,
+    hold_s: float = 2.0,
+    payload: bytes | None = None,
+) -> OverloadResult:
+    """Baseline, burst at overload_factor x capacity, baseline again; figures per phase.
+
+    Refusal speed counts from the send (the server's answer time); admitted latency counts from the
+    due time. "Recovered" is the first window after the burst from which `hold_s` of windows have
+    only OK answers and a p99 within recovery_factor x the baseline p99.
+    """
+    payload = payload or infer_request(model)
+    base_rate = baseline_fraction * capacity_rps
+    over_rate = overload_factor * capacity_rps
+    phases = [(base_rate, baseline_s), (over_rate, overload_s), (base_rate, recovery_s)]
+    result = OverloadResult(
+        model=model,
+        url=url,
+        capacity_rps=capacity_rps,
+        slo_ms=slo_ms,
+        baseline_rps=round(base_rate, 1),
+        overload_rps=round(over_rate, 1),
+        baseline_s=baseline_s,
+        overload_s=overload_s,
+        recovery_window_s=window_s,
+        queue_limit=queue_limit,
+    )
+    depth = _Sampler(queue_depth_reader(metrics_url, model) if metrics_url else lambda: None, 0.05)
+    codes_before = server_codes(metrics_url, model) if metrics_url else Counter()
+    with depth:
+        start, shots = open_loop(url, payload, phases, slo_ms / 1000)
+    if metrics_url:
+        time.sleep(0.2)  # the last answers' counts land just after the answers
+        delta = server_codes(metrics_url, model) - codes_before
+        result.server_answers = dict(sorted(delta.items()))
+    burst_at, calm_at = start + baseline_s, start + baseline_s + overload_s
+    # The first second of the baseline warms the connection and the batcher's estimates.
+    base = [s for s in shots if start + min(1.0, baseline_s / 4) <= s.due < burst_at]
+    burst = [s for s in shots if burst_at <= s.due < calm_at]
+    after = [s for s in shots if s.due >= calm_at]
+
+    base_ok = _ok_latencies(base)
+    result.baseline_p50_ms, result.baseline_p99_ms = _pct(base_ok, 50), _pct(base_ok, 99)
+    result.overload_sent = len(burst)
+    # A DEADLINE_EXCEEDED answered well before the deadline is the server's up-front refusal
+    # (cannot make it); one at the deadline was admitted and then missed it: it counts against
+    # the admitted p99, not as a refusal.
+    cutoff_ms = slo_ms / 2
+    late = [s for s in burst if s.code == "DEADLINE_EXCEEDED" and s.answer_ms >= cutoff_ms]
+    refused = [s for s in burst if s.code in REFUSAL_CODES and s not in set(late)]
+    admitted = _ok_latencies(burst) + [s.latency_ms for s in late]
+    result.overload_admitted = len(admitted)
+    result.overload_answered_ok = sum(s.code == "OK" for s in burst)
+    result.overload_missed_deadline = len(late)
+    result.overload_ok_rps = round(result.overload_answered_ok / overload_s, 1)
+    result.overload_admitted_p50_ms, result.overload_admitted_p99_ms = _pct(admitted, 50), _pct(admitted, 99)
+    result.refused_by_code = dict(Counter(s.code for s in refused))
+    result.refusal_p50_ms = _pct([s.answer_ms for s in refused], 50)
+    result.refusal_p99_ms = _pct([s.answer_ms for s in refused], 99)
+    result.refusal_p99_ms_by_code = {
+        code: _pct([s.answer_ms for s in refused if s.code == code], 99) for code in result.refused_by_code
+    }
+    other = [s.code for s in shots if s.code != "OK" and s.code not in REFUSAL_CODES]
+    result.other_errors = dict(Counter(other))
+    result.max_send_lag_ms = round(max((1000 * (s.sent - s.due) for s in shots), default=0.0), 3)
+    if depth.samples:
+        result.max_queue_depth = max(v for _, v in depth.samples)
+        result.queue_samples = len(depth.samples)
+
+    if result.baseline_p99_ms is not None:
+        result.recovery_threshold_ms = round(recovery_factor * result.baseline_p99_ms, 3)
+        n_windows = max(1, int(recovery_s / window_s))
+        good: list[bool] = []
+        for i in range(n_windows):
+            lo, hi = calm_at + i * window_s, calm_at + (i + 1) * window_s
+            w = [s for s in after if lo <= s.due < hi]
+            p99 = _pct(_ok_latencies(w), 99)
+            result.recovery_p99_ms.append(p99)
+            good.append(
+                bool(w)
+                and all(s.code == "OK" for s in w)
+                and p99 is not None
+                and p99 <= result.recovery_threshold_ms
+            )
+        # Recovered: the first window from which latency stays at the baseline for hold_s (a
+        # lone slow window later, on a shared machine, is noise rather than the burst's backlog).
+        hold = max(1, int(round(hold_s / window_s)))
+        first = next((i for i in range(len(good) - hold + 1) if all(good[i : i + hold])), None)
+        result.recovery_s = None if first is None else round(first * window_s, 3)
+    return result
+
+
+@dataclass
+class SoakResult:
+    model: str
+    url: str
+    capacity_rps: float
+    rate_rps: float
+    duration_s: float
+    window_s: float
+    slo_ms: float
+    sent: int = 0
+    answered_ok: int = 0
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    p99_by_window_ms: list[float | None] = field(default_factory=list)
+    rss_mb: list[float] = field(default_factory=list)  # one sample per window, at its end
+    rss_growth_pct: float | None = None  # last vs first window
+    p99_drift_pct: float | None = None  # last vs first window
+    max_send_lag_ms: float = 0.0
+
+    @property
+    def errors(self) -> int:
+        return sum(self.errors_by_code.values())
+
+    def checks(self, rss_limit_pct: float = 5.0, drift_limit_pct: float = 10.0) -> dict[str, bool]:
+        return {
+            "0 errors": self.errors == 0 and self.sent > 0,
+            f"RSS growth < {rss_limit_pct:g}%": self.rss_growth_pct is not None
+            and self.rss_growth_pct < rss_limit_pct,
+            f"p99 drift < {drift_limit_pct:g}%": self.p99_drift_pct is not None
+            and self.p99_drift_pct < drift_limit_pct,
+        }
+
+
+def run_soak(
+    url: str,
+    model: str,
+    capacity_rps: float,
+    *,
+    server_pid: int | None = None,
+    duration_s: float = 600.0,
+    fraction: float = 0.8,
+    window_s: float = 60.0,
+    slo_ms: float = 100.0,
+    payload: bytes | None = None,
+) -> SoakResult:
+    """`fraction` x capacity, open loop, for `duration_s`: errors, p99 per window, server RSS.
+
+    Drift and growth compare the last window with the first (the first second, where connections
+    and caches warm up, is left out of the first window). RSS is the server's process tree,
+    sampled every second; each window's value is its last sample.
+    """
+    payload = payload or infer_request(model)
+    rate = fraction * capacity_rps
+    result = SoakResult(model, url, capacity_rps, round(rate, 1), duration_s, window_s, slo_ms)
+    rss = _Sampler(rss_reader(server_pid) if server_pid else lambda: None, 1.0)
+    with rss:
+        start, shots = open_loop(url, payload, [(rate, duration_s)], slo_ms / 1000)
+    measured = [s for s in shots if s.due >= start + min(1.0, window_s / 4)]
+    result.sent = len(shots)
+    result.answered_ok = sum(s.code == "OK" for s in shots)
+    result.errors_by_code = dict(Counter(s.code for s in shots if s.code != "OK"))
+    ok = _ok_latencies(measured)
+    result.p50_ms, result.p99_ms = _pct(ok, 50), _pct(ok, 99)
+    result.max_send_lag_ms = round(max((1000 * (s.sent - s.due) for s in shots), default=0.0), 3)
+    n_windows = max(1, int(duration_s / window_s))
+    for i in range(n_windows):
+        lo, hi = start + i * window_s, start + (i + 1) * window_s
+        result.p99_by_window_ms.append(_pct(_ok_latencies([s for s in measured if lo <= s.due < hi]), 99))
+        in_window = [v for t, v in rss.samples if t < hi]
+        if in_window:
+            result.rss_mb.append(round(in_window[-1], 1))
+    if len(result.rss_mb) >= 2:
+        result.rss_growth_pct = round(100 * (result.rss_mb[-1] - result.rss_mb[0]) / result.rss_mb[0], 2)
+    first, last = result.p99_by_window_ms[0], result.p99_by_window_ms[-1]
+    if n_windows >= 2 and first and last is not None:
+        result.p99_drift_pct = round(100 * (last - first) / first, 2)
+    return result
+
+
+# -- Markdown ------------------------------------------------------------------------------------
+def _f(v: object, unit: str = "") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.1f}{unit}" if abs(v) >= 10 else f"{v:.2f}{unit}"
+    return f"{v}{unit}"
+
+
+def _verdicts(checks: dict[str, bool]) -> list[str]:
+    return [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items()]
+
+
+def capacity_markdown(c: Capacity) -> str:
+    errs = ", ".join(f"{k} {v}" for k, v in c.errors.items()) or "none"
+    return (
+        f"Capacity of `{c.model}`: **{_f(c.throughput_rps)} req/s** "
+        f"(closed loop, {c.concurrency} in flight, {c.seconds:g} s; errors: {errs})\n"
+    )
+
+
+def overload_markdown(r: OverloadResult) -> str:
+    refused = ", ".join(f"{k} {v}" for k, v in sorted(r.refused_by_code.items())) or "none"
+    by_code = ", ".join(f"{k} {_f(v, ' ms')}" for k, v in sorted(r.refusal_p99_ms_by_code.items())) or "–"
+    other = ", ".join(f"{k} {v}" for k, v in sorted(r.other_errors.items())) or "none"
+    queue = f"{_f(r.max_queue_depth)} (limit {_f(r.queue_limit)}, {r.queue_samples} samples)"
+    lines = [
+        f"### Overload: `{r.model}` at {r.overload_rps:g} req/s for {r.overload_s:g} s "
+        f"({r.overload_rps / r.capacity_rps:.1f}x capacity {r.capacity_rps:g} req/s)",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+        f"| SLO (per-request deadline from its due time) | {r.slo_ms:g} ms |",
+        f"| baseline ({r.baseline_rps:g} req/s) p50 / p99 | {_f(r.baseline_p50_ms)} / "
+        f"{_f(r.baseline_p99_ms)} ms |",
+        f"| burst: sent / admitted / OK / admitted but late | {r.overload_sent} / {r.overload_admitted} / "
+        f"{r.overload_answered_ok} ({_f(r.overload_ok_rps)} req/s) / {r.overload_missed_deadline} |",
+        f"| burst: admitted p50 / p99 | {_f(r.overload_admitted_p50_ms)} / "
+        f"{_f(r.overload_admitted_p99_ms)} ms |",
+        f"| burst: refused by code | {refused} |",
+        f"| refusal answer time p50 / p99 | {_f(r.refusal_p50_ms)} / {_f(r.refusal_p99_ms)} ms |",
+        f"| refusal p99 by code | {by_code} |",
+        f"| other errors | {other} |",
+        f"| server's own count by code (whole run) | "
+        f"{', '.join(f'{k} {v}' for k, v in r.server_answers.items()) or '–'} |",
+        f"| max queue depth (rtq_queue_depth) | {queue} |",
+        f"| recovery: back within {_f(r.recovery_threshold_ms)} ms p99 after | "
+        f"{_f(r.recovery_s, ' s') if r.recovery_s is not None else 'not recovered'} |",
+        f"| recovery p99 per {r.recovery_window_s:g} s window | "
+        f"{', '.join(_f(v) for v in r.recovery_p99_ms)} |",
+        f"| load generator max send lag | {_f(r.max_send_lag_ms)} ms |",
+        "",
+        *_verdicts(r.checks()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def soak_markdown(r: SoakResult) -> str:
+    errs = ", ".join(f"{k} {v}" for k, v in sorted(r.errors_by_code.items())) or "none"
+    lines = [
+        f"### Soak: `{r.model}` at {r.rate_rps:g} req/s ({r.rate_rps / r.capacity_rps:.0%} of "
+        f"{r.capacity_rps:g} req/s) for {r.duration_s:g} s",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+        f"| sent / OK | {r.sent} / {r.answered_ok} |",
+        f"| errors | {errs} |",
+        f"| p50 / p99 (SLO {r.slo_ms:g} ms) | {_f(r.p50_ms)} / {_f(r.p99_ms)} ms |",
+        f"| p99 per {r.window_s:g} s window | {', '.join(_f(v) for v in r.p99_by_window_ms)} |",
+        f"| p99 drift, last vs first window | {_f(r.p99_drift_pct, '%')} |",
+        f"| server RSS per window (MiB) | {', '.join(_f(v) for v in r.rss_mb) or '–'} |",
+        f"| RSS growth, last vs first window | {_f(r.rss_growth_pct, '%')} |",
+        f"| load generator max send lag | {_f(r.max_send_lag_ms)} ms |",
+        "",
+        *_verdicts(r.checks()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- a server to measure -------------------------------------------------------------------------
+@dataclass
+class EdgeProcess:
+    """`rtq serve` in its own process (so the load generator never shares its GIL)."""
+
+    proc: object  # subprocess.Popen
+    url: str
+    metrics_url: str
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_edge_process(
+    repository, models: list[str], max_queue: int = 64, threads: int | None = None, timeout: float = 300.0
+) -> EdgeProcess:
+    """Start `python -m serving.cli serve` on free loopback ports and wait until `models` are ready."""
+    import json
+    import subprocess
+    import sys
+
+    from serving.errors import RtqError
+    from serving.settings import PROJECT_ROOT
+
+    cmd = [sys.executable, "-m", "serving.cli", "serve", "--repository", str(repository), "--models", *models]
+    cmd += ["--grpc-port", "0", "--metrics-port", "0", "--max-queue", str(max_queue), "--json"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.Popen(
+        cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    deadline = time.monotonic() + timeout
+    listening, states = None, {}
+    while len(states) < len(models) and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RtqError(f"rtq serve exited with code {proc.wait()} before its models loaded")
+        event = json.loads(line)
+        if event.get("event") == "listening":
+            listening = event
+        elif event.get("event") == "model":
+            states[event["name"]] = (event["state"], event["reason"])
+    bad = {n: why for n, (st, why) in states.items() if st != "READY"}
+    if listening is None or len(states) < len(models) or bad:
+        proc.kill()
+        raise RtqError(f"rtq serve did not get {models} ready: {bad or 'timed out'}")
+    # Later events are not read; a closed pipe would only matter if the server logged a lot.
+    return EdgeProcess(proc, listening["grpc"], listening["metrics"])
