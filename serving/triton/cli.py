@@ -31,6 +31,14 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--timeout", type=float, default=300.0, help="seconds to wait for readiness (default: %(default)s)"
     )
+    sp.add_argument(
+        "--restarts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="restart a tritonserver that dies (crash, kill) up to N times; 0: exit with an error "
+        "(default: %(default)s)",
+    )
     sp.add_argument("--json", action="store_true", help="print events as JSON lines")
 
 
@@ -71,13 +79,50 @@ def triton_main(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+    if args.restarts < 0:
+        print("rtq: error: --restarts must be >= 0", file=sys.stderr)
+        server.stop()
+        return 2
     while not stop.wait(0.5):
-        if server.process.poll() is not None:
-            print(
-                f"rtq: error: tritonserver exited with code {server.process.returncode}: {server.log_tail()}",
-                file=sys.stderr,
-            )
+        code = server.crashed()
+        if code is None:
+            continue
+        why = server.log_tail()
+        if server.restarts >= args.restarts:
+            limit = f" (after {server.restarts} restarts)" if args.restarts else ""
+            print(f"rtq: error: tritonserver exited with code {code}{limit}: {why}", file=sys.stderr)
+            if args.json:
+                print(
+                    json.dumps({"event": "exited", "returncode": code, "restarts": server.restarts}),
+                    flush=True,
+                )
             return 1
+        print(
+            f"rtq triton: tritonserver exited with code {code}; restarting "
+            f"({server.restarts + 1} of {args.restarts})",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            server.restart(timeout=args.timeout)
+        except Exception as exc:  # noqa: BLE001 - reported in one line, like a failed first start
+            print(f"rtq: error: tritonserver did not come back: {exc}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "event": "restarted",
+                        "exit_code": code,
+                        "restart": server.restarts,
+                        "pid": server.process.pid,
+                        "models": {
+                            n: {"state": st, "reason": w} for n, (st, w) in server.model_states.items()
+                        },
+                    }
+                ),
+                flush=True,
+            )
     code = server.stop()
     if args.json:
         print(json.dumps({"event": "stopped", "returncode": code}), flush=True)

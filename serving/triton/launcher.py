@@ -7,6 +7,7 @@ listener is bound to the address we give (loopback by default).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -84,6 +85,7 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self.log_path = self.work / "tritonserver.log"
         self.model_states: dict[str, tuple[str, str]] = {}
+        self.restarts = 0
 
     def _prepare(self) -> list[str]:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -134,8 +136,12 @@ class TritonServer:
         return env
 
     def start(self, timeout: float = 180.0, log_to_file: bool = True) -> TritonServer:
+        self._spawn(timeout, "wb" if log_to_file else None)
+        return self
+
+    def _spawn(self, timeout: float, log_mode: str | None) -> None:
         names = self._prepare()
-        out = open(self.log_path, "wb") if log_to_file else None  # noqa: SIM115 - lives with the process
+        out = open(self.log_path, log_mode) if log_mode else None  # noqa: SIM115 - lives with the process
         self.process = subprocess.Popen(
             self.command(), env=self.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -144,7 +150,31 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
-        return self
+
+    def crashed(self) -> int | None:
+        """The exit code when tritonserver ended by itself (crash, kill), else None."""
+        if self.process is None:
+            return None
+        return self.process.poll()
+
+    def restart(self, timeout: float = 180.0) -> None:
+        """Start tritonserver again after it died, on the same ports and work dir; the log is
+        appended to, so the crash stays readable above the new start."""
+        if self.process is not None and self.process.poll() is None:
+            raise RtqError("tritonserver is still running; stop it before a restart")
+        self._reap_stubs()
+        self.restarts += 1
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n--- rtq: restart {self.restarts} after exit code {self.crashed()} ---\n".encode())
+        self._spawn(timeout, "ab")
+
+    def _reap_stubs(self) -> None:
+        """A killed tritonserver can leave its python-backend stubs behind in its process group,
+        each holding a model's memory: end them before a new server loads its own."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
     def _client(self):
         import tritonclient.grpc as grpcclient
