@@ -137,6 +137,28 @@ def test_knapsack_meets_the_budget_and_spends_bits_where_they_matter(fp32):
         allocate(layers, sens, fp32_bytes, 40.0)
 
 
+def test_the_allocated_size_is_the_built_file_size(small_repository: Path, fp32, calib, tmp_path: Path):
+    from serving.quantize.lowbit_export import build_lowbit
+    from serving.quantize.mixed import mixed_plan, qdq_overhead
+
+    path, model = fp32
+    layers = layers_of(model)
+    # Synthetic: a loss per weight that falls with width, so big layers go low first.
+    sens = [Sensitivity(la.name, la.component, la.params, 0.0, "weight", b, 1.0, 1 / b / la.params)
+            for la in layers for b in (2, 4)]  # fmt: skip
+    int8 = layout.open_variant(small_repository, "efficientnet_lite0-int8-onnxruntime")
+    overhead = qdq_overhead(int8.manifest["file_bytes"], layers)
+    alloc = allocate(layers, sens, path.stat().st_size, 7.0, overhead_bytes=overhead)
+    assert {2, 4, 8} <= set(alloc.bits.values())  # a real mix of packed widths
+    dst = tmp_path / "mixed.onnx"
+    build_lowbit(
+        path, mixed_plan("m7", alloc, method="rtn", calibration_images=16), calib, dst, log=lambda m: None
+    )
+    built = dst.stat().st_size
+    assert abs(built - alloc.estimated_bytes) < 0.01 * built, (built, alloc.estimated_bytes)
+    assert built <= alloc.budget_bytes * 1.01
+
+
 def test_learned_rounding_beats_nearest_on_a_real_layer(fp32, calib):
     import torch
 

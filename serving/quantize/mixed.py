@@ -36,15 +36,28 @@ def layer_bytes(layer: Layer, bits: int) -> int:
 
 
 def allocate(
-    layers: list[Layer], sens: list[Sensitivity], fp32_bytes: int, target_ratio: float,
-    widths: tuple[int, ...] = (2, 4, 8), fixed: dict[str, int] | None = None,
+    layers: list[Layer],
+    sens: list[Sensitivity],
+    fp32_bytes: int,
+    target_ratio: float,
+    widths: tuple[int, ...] = (2, 4, 8),
+    fixed: dict[str, int] | None = None,
+    overhead_bytes: int | None = None,
 ) -> Allocation:
-    """Choose per-layer widths so the estimated file is fp32_bytes / target_ratio or smaller."""
+    """Choose per-layer widths so the estimated file is fp32_bytes / target_ratio or smaller.
+
+    `overhead_bytes`: everything in the quantized file but the weights, their scales and zero points
+    (int32 biases with their scales, activation Q/DQ, graph), best measured on a real INT8 QDQ file
+    with `qdq_overhead`; without it the FP32 file's non-weight bytes stand in, which undercounts
+    int32 biases and activation ranges (about 5% of a Lite0 W4 file).
+    """
     if target_ratio <= 1:
         raise RtqError(f"target compression ratio must exceed 1, got {target_ratio}")
     fixed = fixed or {}
     kl = {(s.layer, s.bits): s.kl for s in sens if s.kind == "weight"}
-    other_bytes = fp32_bytes - 4 * sum(layer.params for layer in layers)  # biases, graph, act. ranges
+    if overhead_bytes is None:
+        overhead_bytes = fp32_bytes - 4 * sum(layer.params for layer in layers)
+    other_bytes = overhead_bytes
     budget = int(fp32_bytes / target_ratio)
     room = budget - other_bytes
     options: list[list[tuple[int, int, float]]] = []  # per layer: (bits, cost units, kl)
@@ -89,8 +102,19 @@ def allocate(
     return Allocation(dict(reversed(list(bits.items()))), est, budget, round(total_kl, 5))
 
 
-def mixed_plan(name: str, allocation: Allocation, method: str = "adaround", act_bits: int = 8,
-               calibration_images: int = 256, description: str = "") -> PrecisionPlan:
+def qdq_overhead(int8_qdq_bytes: int, layers: list[Layer]) -> int:
+    """Non-weight bytes of a real INT8 QDQ file of the same graph: the part no width choice changes."""
+    return int8_qdq_bytes - sum(layer_bytes(layer, 8) for layer in layers)
+
+
+def mixed_plan(
+    name: str,
+    allocation: Allocation,
+    method: str = "adaround",
+    act_bits: int = 8,
+    calibration_images: int = 256,
+    description: str = "",
+) -> PrecisionPlan:
     from serving.quantize.lowbit import WeightQuant
 
     return PrecisionPlan(

@@ -35,8 +35,13 @@ def plot(results: list[Sensitivity], path: Path, title: str) -> None:
         for comp in COLORS:
             pts = [r for r in rs if r.component == comp]
             if pts:
-                ax.scatter([r.depth for r in pts], [max(r.kl, 1e-6) for r in pts], s=18,
-                           color=COLORS[comp], label=comp)
+                ax.scatter(
+                    [r.depth for r in pts],
+                    [max(r.kl, 1e-6) for r in pts],
+                    s=18,
+                    color=COLORS[comp],
+                    label=comp,
+                )
         ax.set_yscale("log")
         ax.set_ylabel(f"KL, {kind} {bits}-bit")
         ax.grid(alpha=0.3)
@@ -65,23 +70,44 @@ def markdown(payload: dict) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for g in payload["by_component"]:
-        lines.append(f"| {g['component']} | {g['kind']} | {g['bits']} | {g['layers']} | "
-                     f"{100 * g['median_agreement']:.1f}% | {g['median_kl']:.4f} | {g['worst_layer']} |")
-    lines += ["", "## Hypotheses (4-bit weights, median KL)", "",
-              "| hypothesis | median KL | compared with | verdict |", "| --- | ---: | ---: | --- |"]
+        lines.append(
+            f"| {g['component']} | {g['kind']} | {g['bits']} | {g['layers']} | "
+            f"{100 * g['median_agreement']:.1f}% | {g['median_kl']:.4f} | {g['worst_layer']} |"
+        )
+    lines += [
+        "",
+        "## Hypotheses (4-bit weights, median KL)",
+        "",
+        "| hypothesis | median KL | compared with | verdict |",
+        "| --- | ---: | ---: | --- |",
+    ]
     for h in payload["hypotheses"]:
         lines.append(f"| {h['hypothesis']} | {h['median_kl']} | {h['compared_with']} | {h['verdict']} |")
-    lines += ["", "## Per layer", "", "| layer | component | params | kind | bits | agreement | KL |",
-              "| --- | --- | ---: | --- | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "## Per layer",
+        "",
+        "| layer | component | params | kind | bits | agreement | KL |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: |",
+    ]
     for r in payload["layers"]:
-        lines.append(f"| {r['layer']} | {r['component']} | {r['params']} | {r['kind']} | {r['bits']} | "
-                     f"{100 * r['agreement']:.1f}% | {r['kl']:.4f} |")
+        lines.append(
+            f"| {r['layer']} | {r['component']} | {r['params']} | {r['kind']} | {r['bits']} | "
+            f"{100 * r['agreement']:.1f}% | {r['kl']:.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def run_sensitivity(
-    model: str, weights: str | None, out_dir: Path, images: int, weight_bits: tuple[int, ...],
-    act_bits: tuple[int, ...], command: str, data_root: Path | None = None, progress: bool = True,
+    model: str,
+    weights: str | None,
+    out_dir: Path,
+    images: int,
+    weight_bits: tuple[int, ...],
+    act_bits: tuple[int, ...],
+    command: str,
+    data_root: Path | None = None,
+    progress: bool = True,
 ) -> dict:
     import onnx
 
@@ -119,23 +145,39 @@ def load_results(path: Path) -> tuple[dict, list[Sensitivity]]:
 
 
 def allocate_plans(
-    model: str, weights: str | None, results: list[Sensitivity], ratios: list[float],
-    widths: tuple[int, ...], plan_dir: Path, method: str = "adaround",
+    model: str,
+    weights: str | None,
+    results: list[Sensitivity],
+    ratios: list[float],
+    widths: tuple[int, ...],
+    plan_dir: Path,
+    method: str = "adaround",
 ) -> list[Path]:
     """One mixed plan per target compression ratio, from measured sensitivity."""
+    import numpy as np
     import onnx
 
+    from serving.export.onnx_export import INPUT_NAME
     from serving.quantize.graph import layers_of
-    from serving.quantize.mixed import allocate, mixed_plan
+    from serving.quantize.int8_onnxruntime import quantize_int8
+    from serving.quantize.mixed import allocate, mixed_plan, qdq_overhead
     from serving.quantize.plan import save_plan
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path, _ = fp32_export(model, weights, Path(tmp))
-        layers = layers_of(onnx.load(str(onnx_path)))
+        graph = onnx.load(str(onnx_path))
+        layers = layers_of(graph)
         fp32_bytes = onnx_path.stat().st_size
+        image_shape = [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim[1:]]
+        # The size model is exact only with the real QDQ overhead; sizes do not depend on the
+        # calibration values, so a few constant images suffice.
+        int8_path = Path(tmp) / "int8.onnx"
+        calib = np.full((4, *image_shape), 0.5, np.float32)
+        quantize_int8(onnx_path, int8_path, calib, INPUT_NAME)
+        overhead = qdq_overhead(int8_path.stat().st_size, layers)
     out = []
     for ratio in ratios:
-        alloc = allocate(layers, results, fp32_bytes, ratio, widths)
+        alloc = allocate(layers, results, fp32_bytes, ratio, widths, overhead_bytes=overhead)
         counts = {b: sum(1 for v in alloc.bits.values() if v == b) for b in sorted(set(alloc.bits.values()))}
         name = f"mixed{ratio:g}x".replace(".", "p")
         plan = mixed_plan(
@@ -144,7 +186,9 @@ def allocate_plans(
             f"(estimated {alloc.estimated_bytes} bytes); layers per width {counts}",
         )  # fmt: skip
         path = save_plan(plan, plan_dir / f"{model}-{name}.yaml")
-        print(f"{path}: widths {counts}, estimated {fp32_bytes / alloc.estimated_bytes:.2f}x smaller, "
-              f"predicted KL {alloc.predicted_kl}")
+        print(
+            f"{path}: widths {counts}, estimated {fp32_bytes / alloc.estimated_bytes:.2f}x smaller, "
+            f"predicted KL {alloc.predicted_kl}"
+        )
         out.append(path)
     return out
