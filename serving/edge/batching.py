@@ -91,6 +91,7 @@ class ModelBatcher:
         self._queue: deque[Pending] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._refusing = False  # draining: what is queued runs, nothing new is taken
         self._last_arrival: float | None = None
         self._interarrival = float("inf")
         self._batch_s: float | None = None  # recent compute time of one batch; None until one ran
@@ -105,7 +106,7 @@ class ModelBatcher:
 
     def submit(self, item: Pending) -> None:
         with self._cond:
-            if self._stopping:
+            if self._stopping or self._refusing:
                 raise ModelStopped()
             if len(self._queue) >= self.policy.max_queue_size:
                 raise QueueFull()
@@ -136,6 +137,16 @@ class ModelBatcher:
     def depth(self) -> int:
         with self._cond:
             return len(self._queue)
+
+    def refuse_new(self) -> None:
+        """First step of a drain: new requests get ModelStopped; queued and running ones finish."""
+        with self._cond:
+            self._refusing = True
+
+    def idle(self) -> bool:
+        """Nothing queued and nothing computing."""
+        with self._cond:
+            return not self._queue and not self._computing_images
 
     def _ready(self, queued: int) -> bool:
         return queued >= self.policy.max_batch_size or queued in self.policy.preferred_batch_sizes

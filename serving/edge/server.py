@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,10 +171,28 @@ class EdgeServer:
                     continue
 
     async def _drain(self) -> None:
+        """Finish every accepted request, refuse new ones with UNAVAILABLE, then stop.
+
+        gRPC's own stop() races a call that arrives as it begins: such a call can be cancelled
+        without reaching a handler. So the models refuse new requests first (UNAVAILABLE, "server
+        is shutting down") while gRPC still answers, the queues run empty, and only then gRPC
+        stops; its grace covers handlers still writing their answers.
+        """
         self._watch_stop.set()
         self.service.draining = True
-        # New RPCs are refused from here; running ones get up to grace_s to finish.
-        await self._server.stop(self.config.grace_s)
+        until = time.monotonic() + self.config.grace_s
+        batchers = [m.batcher for m in list(self.models.values()) if m.batcher is not None]
+        for b in batchers:
+            b.refuse_new()
+        while time.monotonic() < until and not all(b.idle() for b in batchers):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # answers computed just now are being written
+        await self._server.stop(max(0.5, until - time.monotonic()))
+        # Handlers gRPC started during its stop are still tasks on this loop: let them end here
+        # rather than be destroyed with the loop.
+        leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if leftovers:
+            await asyncio.wait(leftovers, timeout=1.0)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         for m in list(self.models.values()):
