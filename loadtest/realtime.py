@@ -117,6 +117,15 @@ class _Run:
         return (o.deadline_ms / 1000) if o.deadline_ms else 1.0 / o.fps
 
 
+def _mark(environment, message: str) -> None:
+    """The run goes on but is marked incomplete, with the reason (e.g. an outage it survived)."""
+    run: _Run = environment.rtq
+    if message not in run.incomplete:
+        run.incomplete.append(message)
+        log.error("realtime.py: %s", message)
+    environment.process_exit_code = 2
+
+
 def _fail(environment, message: str) -> None:
     """One clear line, the run marked incomplete, every user stopped (a worker stops itself)."""
     run: _Run = environment.rtq
@@ -245,6 +254,9 @@ class CameraStream(User):
         # Triton rejects nothing for unknown parameters, but only our edge server counts labels.
         self.send_label = self.client.get_server_metadata(client_timeout=5).name != "triton"
         self.last_ok = time.monotonic()
+        # An outage: frames failing UNAVAILABLE (server gone, restarting) since this time.
+        self.down_since: float | None = None
+        self.down_frames = 0
 
     def on_stop(self) -> None:
         if hasattr(self, "inflight"):
@@ -284,11 +296,16 @@ class CameraStream(User):
                 self.inflight.spawn(self._send, frame, due, measured)
             k += 1
             if time.monotonic() - self.last_ok > DEAD_SERVER_S:
+                if self.down_since is not None:
+                    why = f"{self.down_frames} frames refused UNAVAILABLE: the server is down"
+                else:
+                    why = (
+                        f"{len(self.inflight)} frames in flight; if the server is up, this load "
+                        "generator is overloaded: add workers"
+                    )
                 _fail(
                     self.environment,
-                    f"server {self.host} stopped answering for {DEAD_SERVER_S:.0f} s "
-                    f"({len(self.inflight)} frames in flight; if the server is up, this load "
-                    "generator is overloaded: add workers)",
+                    f"server {self.host} stopped answering for {DEAD_SERVER_S:.0f} s ({why})",
                 )
                 return
 
@@ -308,6 +325,15 @@ class CameraStream(User):
                 self.model, infer_inputs(frame), parameters=params, client_timeout=timeout
             )
             self.last_ok = time.monotonic()
+            if self.down_since is not None:
+                # Back after an outage (a restarted server): the run is still marked, since
+                # frames were lost while it was away.
+                _mark(
+                    self.environment,
+                    f"server {self.host} was unavailable for {self.last_ok - self.down_since:.1f} s "
+                    f"({self.down_frames} frames failed) and came back",
+                )
+                self.down_since, self.down_frames = None, 0
             if frame.label >= 0:
                 correct = int(result.as_numpy("logits")[0].argmax()) == frame.label
         except InferenceServerException as exc:
@@ -315,6 +341,10 @@ class CameraStream(User):
             error = str(status).removeprefix("StatusCode.")
             if error == "DEADLINE_EXCEEDED":
                 self.last_ok = time.monotonic()  # the server is alive, just late
+            elif error == "UNAVAILABLE":
+                if self.down_since is None:
+                    self.down_since = sent_at
+                self.down_frames += 1
         finished = time.monotonic()
         if not measured:
             return
