@@ -8,6 +8,7 @@ never stalls requests to another.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,12 +30,14 @@ from serving.edge.tensors import (
     join_bytes,
     numeric_input,
     parse_labels,
+    shown,
 )
 
 SERVICE = "inference.GRPCInferenceService"
 SERVER_NAME = "rtq-edge"
 EXTENSIONS = ("classification", "model_repository", "statistics")
 _NOT_FOUND = grpc.StatusCode.NOT_FOUND
+log = logging.getLogger(__name__)
 
 
 class InferenceService:
@@ -59,10 +62,11 @@ class InferenceService:
         served = self.models.get(name)
         if served is None:
             known = ", ".join(sorted(self.models)) or "none"
-            raise RequestError(_NOT_FOUND, f"unknown model '{name}'; this server has: {known}")
+            raise RequestError(_NOT_FOUND, f"unknown model '{shown(name)}'; this server has: {known}")
         if version not in ("", served.version):
             raise RequestError(
-                _NOT_FOUND, f"unknown version '{version}' of model '{name}'; available: {served.version}"
+                _NOT_FOUND,
+                f"unknown version '{shown(version)}' of model '{name}'; available: {served.version}",
             )
         if need_ready and not served.ready:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, f"model '{name}' is not ready: {served.reason}")
@@ -215,11 +219,14 @@ class InferenceService:
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             self._record(served, labels, code, start, inflight)
             raise
-        except Exception:
-            if code is None:
-                code = grpc.StatusCode.INTERNAL
-                self._record(served, labels, code, start, inflight)
-            raise
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: still a clear status, never UNKNOWN
+            if code is not None:  # failed after the answer was recorded (serializing it)
+                raise
+            code = grpc.StatusCode.INTERNAL
+            self._record(served, labels, code, start, inflight)
+            log.exception("ModelInfer failed")
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            await context.abort(code, f"internal error: {type(exc).__name__}: {first}")
 
     def _record(
         self, served: ServedModel | None, labels, code: grpc.StatusCode, start: float, inflight
@@ -243,15 +250,18 @@ class InferenceService:
         cfg = served.config
         names = [t.name for t in request.inputs]
         if served.input_name not in names or len(names) != 1:
+            listed = [shown(n) for n in names[:4]] + (["..."] if len(names) > 4 else [])
             raise invalid(
                 f"model '{served.name}' takes exactly one input '{served.input_name}'; "
-                f"request has {names or 'none'}"
+                f"request has {listed or 'none'}"
             )
         tensor = request.inputs[0]
         raws = request.raw_input_contents
         if raws and len(raws) != len(request.inputs):
             raise invalid(f"{len(raws)} raw_input_contents for {len(request.inputs)} inputs")
         raw = raws[0] if raws else None
+        if raw is not None and tensor.contents.ByteSize():
+            raise invalid(f"input '{tensor.name}': both raw_input_contents and typed contents; send one")
         max_batch = max(1, cfg.max_batch_size)
         if tensor.datatype in ("FP32", "UINT8"):
             batch = numeric_input(tensor, raw, served.image_shape, served.preprocessing, max_batch)
@@ -263,7 +273,7 @@ class InferenceService:
             )
         else:
             raise invalid(
-                f"input '{tensor.name}': datatype {tensor.datatype or 'missing'} is not "
+                f"input '{tensor.name}': datatype {shown(tensor.datatype) or 'missing'} is not "
                 "supported; send FP32 or UINT8 [N, 3, H, W] tensors or BYTES encoded images"
             )
         n = int(batch.shape[0])
@@ -300,7 +310,7 @@ class InferenceService:
         chosen = []
         for out in request.outputs:
             if out.name not in known:
-                raise invalid(f"unknown output '{out.name}'; model '{served.name}' has {known}")
+                raise invalid(f"unknown output '{shown(out.name)}'; model '{served.name}' has {known}")
             k = 0
             if "classification" in out.parameters:
                 k = int(out.parameters["classification"].int64_param)

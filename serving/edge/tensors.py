@@ -16,16 +16,32 @@ import grpc
 import numpy as np
 
 from serving.errors import RtqError
-from serving.models.preprocessing import Preprocessing, normalize, preprocess
+from serving.models.preprocessing import Preprocessing, load_image, normalize, preprocess
 
 _DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
 SUPPORTED = ("FP32", "UINT8", "BYTES")
+# Far wider than any camera frame or panorama a classifier is given (see decode_image).
+MAX_ASPECT_RATIO = 32
+
+
+# A status message travels in a trailer; clients refuse trailers above 8 KiB by default, and an
+# answer they cannot read is worse than a shortened message.
+MAX_MESSAGE_CHARS = 1000
+
+
+def shown(text: str, limit: int = 64) -> str:
+    """A client-supplied string as it may appear in a message: printable and bounded."""
+    clipped = text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+    return clipped if clipped.isprintable() else repr(clipped)[1:-1]
 
 
 class RequestError(Exception):
     """A request the server refuses: a gRPC status code and a one-line message for the client."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
+        message = " ".join(message.split())
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 3] + "..."
         super().__init__(message)
         self.code = code
         self.message = message
@@ -124,14 +140,51 @@ def image_bytes(tensor, raw: bytes | None, max_batch_size: int) -> list[bytes]:
     return items
 
 
+def image_format(data: bytes) -> str | None:
+    """The container format by its magic bytes, if it is one the server decodes."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data.startswith(b"BM"):
+        return "BMP"
+    return None
+
+
+def decode_image(data: bytes, pp: Preprocessing) -> np.ndarray:
+    """One untrusted encoded image -> float32 CHW, or RtqError. Beyond the pixel limit that
+    load_image checks before decoding: only the formats cameras and our datasets produce reach PIL
+    (each of its other parsers is attack surface, and EPS runs Ghostscript), and the aspect ratio
+    is bounded, because the short-side resize scales the long side with it (a 1x100000 PNG of a
+    few hundred bytes would become a 256x25600000 image: many GB)."""
+    if image_format(data) is None:
+        raise RtqError(f"not a JPEG, PNG, WebP or BMP image (starts with {data[:8]!r})")
+    img = load_image(data)
+    w, h = img.size
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise RtqError(f"image is {w}x{h}; aspect ratios above {MAX_ASPECT_RATIO}:1 are refused")
+    return preprocess(img, pp)
+
+
 def decode_images(images: Sequence[bytes], pp: Preprocessing, name: str) -> np.ndarray:
     """Encoded images -> float32 NCHW through the model's own preprocessing (slow: run off the loop)."""
     out = []
     for i, data in enumerate(images):
         try:
-            out.append(preprocess(data, pp))
+            out.append(decode_image(data, pp))
         except RtqError as exc:
-            raise invalid(f"input '{name}' image {i}: {exc}") from None
+            raise invalid(f"input '{shown(name)}' image {i}: {exc}") from None
+        except MemoryError:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"input '{shown(name)}' image {i}: out of memory decoding it",
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - PIL's parsers raise SyntaxError, struct.error, ... on junk
+            raise invalid(
+                f"input '{shown(name)}' image {i}: cannot decode image: {type(exc).__name__}: {exc}"
+            ) from None
     return np.stack(out)
 
 
