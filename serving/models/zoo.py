@@ -19,6 +19,7 @@ from torch import nn
 from serving.errors import RtqError
 from serving.models.preprocessing import Preprocessing
 from serving.models.weights import load_into, read_state_dict, sha256_of
+from serving.settings import PROJECT_ROOT
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -51,12 +52,34 @@ class PackagedWeights:
 
 
 @dataclass(frozen=True)
+class TrainedWeights:
+    """A checkpoint this project trains itself (`rtq train`) and commits under weights/."""
+
+    relative_path: str
+    produced_by: str
+
+    @property
+    def distribution(self) -> str:  # what `rtq models` shows in its weights column
+        return f"{self.relative_path} ({self.produced_by})"
+
+    def path(self) -> Path:
+        path = PROJECT_ROOT / self.relative_path
+        if not path.is_file():
+            # Never fall back to random weights: every figure from them would look like a real one.
+            raise RtqError(
+                f"trained weights {self.relative_path} are not there; produce them with "
+                f"`{self.produced_by}` (about 100 min on 2 cores) or pass --weights FILE"
+            )
+        return path
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     timm_name: str
     preprocessing: Preprocessing
     classes: str = "imagenet-1k"
-    weights: PackagedWeights | None = None
+    weights: PackagedWeights | TrainedWeights | None = None
     description: str = ""
 
     @property
@@ -115,6 +138,16 @@ ZOO: dict[str, ModelSpec] = {
             "efficientnet_es",
             Preprocessing(224, 0.875, IMAGENET_MEAN, IMAGENET_STD, "bicubic"),
             description="EfficientNet-EdgeTPU-S (timm efficientnet_es)",
+        ),
+        ModelSpec(
+            "efficientnetv2_b0_imagenette",
+            "tf_efficientnetv2_b0",
+            # What `rtq train` evaluates on: the whole 160 px image upscaled to 192 (it trains on
+            # random crops up to 160 px, which magnify objects about as much).
+            Preprocessing(192, 1.0, IMAGENET_MEAN, IMAGENET_STD, "bicubic"),
+            classes="imagenette",
+            weights=TrainedWeights("weights/efficientnetv2_b0_imagenette.safetensors", "rtq train"),
+            description="EfficientNetV2-B0 trained here from scratch on imagenette (10 classes)",
         ),
     ]
 }

@@ -1,0 +1,1 @@
+"""`rtq train`: EfficientNetV2-B0 from scratch on imagenette with progressive learning."""

@@ -1,0 +1,193 @@
+"""Arguments and entry point of `rtq train` (serving/cli.py only wires the subcommand to these)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from serving.errors import RtqError
+from serving.settings import DATA_ROOT_ENV, PROJECT_ROOT
+from serving.train.config import DEFAULT_NAME, TrainConfig
+
+DEFAULT_EXPORT = PROJECT_ROOT / "weights" / f"{DEFAULT_NAME}.safetensors"
+_DEFAULTS = TrainConfig()
+
+# flag -> TrainConfig field, for the flags that change what is trained (refused with --resume when
+# they disagree with the checkpoint: a resumed run continues exactly the run it came from).
+_CONFIG_FLAGS = {
+    "epochs": "epochs",
+    "stages": "stages",
+    "batch_size": "batch_size",
+    "min_size": "min_size",
+    "max_size": "max_size",
+    "eval_size": "eval_size",
+    "lr": "lr",
+    "max_images": "max_images",
+    "max_val_images": "max_val_images",
+    "val_images_per_epoch": "val_images_per_epoch",
+    "seed": "seed",
+    "bf16": "bf16",
+    "data": "data",
+}
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    d = _DEFAULTS
+    sp.description = (
+        "Train EfficientNetV2-B0 (timm tf_efficientnetv2_b0, from scratch) on imagenette with progressive "
+        "learning: image size, dropout, RandAugment and mixup grow together over the stages."
+    )
+    sp.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help=f"folder holding imagenette/ (default: ${DATA_ROOT_ENV} or ../shared/data)",
+    )
+    pos = {"type": _positive, "default": None}
+    sp.add_argument(
+        "--data", default=None, help=f"folder with train/ and val/ class folders (default: {d.data})"
+    )
+    sp.add_argument("--epochs", **pos, help=f"total epochs (default: {d.epochs})")
+    sp.add_argument("--stages", **pos, help=f"progressive stages (default: {d.stages})")
+    sp.add_argument("--batch-size", **pos, help=f"default: {d.batch_size}")
+    sp.add_argument("--min-size", **pos, help=f"first stage's image size (default: {d.min_size})")
+    sp.add_argument("--max-size", **pos, help=f"last stage's image size (default: {d.max_size})")
+    sp.add_argument("--eval-size", **pos, help=f"val and serving resolution (default: {d.eval_size})")
+    sp.add_argument("--lr", type=float, default=None, help=f"AdamW peak learning rate (default: {d.lr})")
+    sp.add_argument("--max-images", **pos, help="class-balanced train subset (smoke runs)")
+    sp.add_argument("--max-val-images", **pos, help="class-balanced val subset")
+    sp.add_argument(
+        "--val-images-per-epoch",
+        **pos,
+        help=f"val images after each epoch; all after a stage's last (default: {d.val_images_per_epoch})",
+    )
+    sp.add_argument("--seed", type=int, default=None, help=f"default: {d.seed}")
+    sp.add_argument(
+        "--no-bf16",
+        dest="bf16",
+        action="store_const",
+        const=False,
+        default=None,
+        help="train in fp32 (default: bf16 autocast)",
+    )
+    sp.add_argument(
+        "--out", type=Path, default=None, help="checkpoint and log folder (default: .cache/train/<name>)"
+    )
+    sp.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue a run exactly (default checkpoint: <out>/last.pt)",
+    )
+    sp.add_argument(
+        "--export",
+        type=Path,
+        default=None,
+        help=f"fp16 .safetensors to write at the end (default: {DEFAULT_EXPORT.relative_to(PROJECT_ROOT)} "
+        "for full-data runs, <out>/<name>.safetensors with --max-images)",
+    )
+    sp.add_argument(
+        "--cache-dir", type=Path, default=None, help="decoded-image cache (default: .cache/train/data)"
+    )
+    sp.add_argument("--threads", type=_positive, default=2, help="torch threads (default: 2)")
+    sp.add_argument("--workers", type=int, default=1, help="augmentation worker processes (default: 1)")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar (epoch lines still print)")
+    sp.set_defaults(func=main)
+    return sp
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    given = {
+        f: getattr(args, flag) for flag, f in _CONFIG_FLAGS.items() if getattr(args, flag, None) is not None
+    }
+    return TrainConfig(**given)
+
+
+def _resume_config(ckpt: dict, args: argparse.Namespace) -> TrainConfig:
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    clashes = [
+        f"--{flag.replace('_', '-')} {getattr(args, flag)} (checkpoint: {getattr(cfg, f)})"
+        for flag, f in _CONFIG_FLAGS.items()
+        if getattr(args, flag, None) is not None and getattr(args, flag) != getattr(cfg, f)
+    ]
+    if clashes:
+        raise RtqError(
+            "--resume continues the checkpoint's own configuration, but these flags differ: "
+            + "; ".join(clashes)
+            + " (drop them, or start a new run with another --out)"
+        )
+    return cfg
+
+
+def main(args: argparse.Namespace) -> int:
+    from serving.train.loop import RunOptions, TrainingInterrupted, read_checkpoint, train
+
+    argv = sys.argv[1:]
+    if argv[:1] != ["train"]:  # run as `python -m serving.train.cli`
+        argv = ["train", *argv]
+    command = "rtq " + " ".join(shlex.quote(a) for a in argv)
+    name = DEFAULT_NAME
+    out = args.out or PROJECT_ROOT / ".cache" / "train" / name
+    resume = resume_path = None
+    if args.resume is not None:
+        resume_path = out / "last.pt" if args.resume == "last" else Path(args.resume)
+        resume = read_checkpoint(resume_path)
+        cfg = _resume_config(resume, args)
+    else:
+        cfg = config_from_args(args)
+        if (out / "last.pt").exists():
+            raise RtqError(
+                f"{out} already holds a run (last.pt); pass --resume to continue it, or --out for a new run"
+            )
+    if args.workers < 0:
+        raise RtqError(f"--workers must be 0 or more, got {args.workers}")
+    export = args.export
+    if export is None:
+        export = DEFAULT_EXPORT if cfg.max_images is None and cfg.max_val_images is None else None
+    resume_cmd = ["rtq", "train", "--out", str(out), "--resume"]
+    if resume_path is not None and args.resume != "last":
+        resume_cmd[-1:] = ["--resume", str(out / "last.pt")]
+    if args.data_root is not None:
+        resume_cmd += ["--data-root", str(args.data_root)]
+    log = print
+    opts = RunOptions(
+        out=out,
+        cache_dir=args.cache_dir or PROJECT_ROOT / ".cache" / "train" / "data",
+        data_root=args.data_root,
+        export=export,
+        threads=args.threads,
+        workers=args.workers,
+        progress=not args.quiet and sys.stderr.isatty(),
+        command=command,
+        resume_command=" ".join(shlex.quote(a) for a in resume_cmd),
+        log=lambda msg: log(msg, flush=True),
+    )
+    try:
+        train(cfg, opts, resume, resume_path)
+    except TrainingInterrupted as exc:
+        print(f"rtq: {exc}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # lets the trainer run before serving/cli.py wires `rtq train`
+    parser = add_arguments(argparse.ArgumentParser(prog="rtq train"))
+    try:
+        sys.exit(main(parser.parse_args()))
+    except RtqError as exc:
+        print(f"rtq: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,553 @@
+"""The training loop: progressive stages, EMA, per-epoch val, checkpoints, Ctrl-C, curves, export.
+
+A checkpoint holds everything the next step depends on (model, EMA, optimizer, schedule position,
+RNG streams, the config, history and the running epoch's sums), and the data an epoch sees is a
+function of (seed, epoch) alone, so a resumed run reaches the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import resource
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serving.errors import RtqError
+from serving.models.preprocessing import Preprocessing
+from serving.models.weights import sha256_of
+from serving.train.config import Stage, TrainConfig
+from serving.train.data import (
+    Augment,
+    AugmentedImages,
+    EpochBatches,
+    ImageFolders,
+    balanced_indices,
+    balanced_subset,
+    cached_array,
+    open_folders,
+    steps_per_epoch,
+    train_store_preprocessing,
+    worker_init,
+)
+
+CHECKPOINT_FORMAT = "rtq-train/1"
+EVAL_BATCH = 128
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C arrived; a resumable checkpoint was written (the message says how to resume)."""
+
+
+@dataclass
+class RunOptions:
+    out: Path
+    cache_dir: Path
+    data_root: Path | None = None
+    export: Path | None = None  # None: <out>/<name>.safetensors
+    threads: int = 2
+    workers: int = 1
+    progress: bool = True
+    command: str = ""
+    resume_command: str = ""
+    log: Callable[[str], None] = print
+    # Called after every optimizer step with (epoch, step); tests use it to interrupt a run.
+    on_step: Callable[[int, int], None] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def eval_preprocessing(cfg: TrainConfig) -> Preprocessing:
+    from serving.models.zoo import ZOO
+
+    base = ZOO[cfg.name].preprocessing if cfg.name in ZOO else None
+    if base is None:
+        from serving.models.zoo import IMAGENET_MEAN, IMAGENET_STD
+
+        base = Preprocessing(cfg.eval_size, 1.0, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
+    return replace(base, resolution=cfg.eval_size)
+
+
+def build_model(cfg: TrainConfig, num_classes: int, stage: Stage) -> nn.Module:
+    import timm
+
+    torch.manual_seed(cfg.seed)
+    model = timm.create_model(
+        cfg.timm_name,
+        pretrained=False,
+        num_classes=num_classes,
+        drop_rate=stage.dropout,
+        drop_path_rate=cfg.drop_path,
+    )
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int, warmup: int) -> float:
+    """Linear warmup, then cosine down to min_lr over the whole run (stages do not restart it)."""
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # Decaying batch-norm scales and biases only hurts a small model trained briefly.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _normalize(x: torch.Tensor, pp: Preprocessing, channels_last: bool) -> torch.Tensor:
+    mean = torch.tensor(pp.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(pp.std, dtype=torch.float32).view(1, 3, 1, 1)
+    x = (x.float() - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, images: np.ndarray, labels: np.ndarray, pp: Preprocessing, cfg: TrainConfig
+) -> dict:
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    t0 = time.perf_counter()
+    for i in range(0, len(labels), EVAL_BATCH):
+        x = _normalize(torch.from_numpy(np.array(images[i : i + EVAL_BATCH])), pp, cfg.channels_last)
+        y = torch.from_numpy(labels[i : i + EVAL_BATCH])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(1) == y).sum())
+    model.train(was_training)
+    n = len(labels)
+    return {"top1": correct / n, "loss": loss_sum / n, "images": n, "seconds": time.perf_counter() - t0}
+
+
+class _CtrlC:
+    """First Ctrl-C: finish the current step, save, stop. A second one stops at once."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.requested = False
+        self._log = log
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._log("Ctrl-C: saving a resumable checkpoint after this step (Ctrl-C again to quit without)")
+
+    def __enter__(self) -> _CtrlC:
+        self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def read_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise RtqError(f"resume checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many unrelated types for a bad file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RtqError(f"cannot read resume checkpoint {path}: {first[:160]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise RtqError(
+            f"{path} is not an rtq train checkpoint (a bare weights file?); --resume takes the last.pt "
+            "that rtq train writes into its --out folder"
+        )
+    return ckpt
+
+
+def check_checkpoint(ckpt: dict, path: Path, arch: str, classes: tuple[str, ...]) -> None:
+    """The checkpoint must be of the architecture this command trains and of the data's classes."""
+    if ckpt.get("arch") != arch:
+        raise RtqError(
+            f"resume checkpoint {path} is for architecture {ckpt.get('arch')}, but rtq train trains {arch}; "
+            "start a new run with another --out"
+        )
+    theirs = tuple(ckpt.get("classes", ()))
+    if len(theirs) != len(classes):
+        raise RtqError(
+            f"resume checkpoint {path} has {len(theirs)} classes, but the data has {len(classes)} class "
+            "folders; resume with the data it was trained on"
+        )
+    if theirs != classes:
+        diff = sorted(set(theirs) ^ set(classes))
+        raise RtqError(
+            f"resume checkpoint {path} was trained on other classes than the data's (e.g. {diff[:2]})"
+        )
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def peak_memory_mib() -> dict:
+    # ru_maxrss is KiB on Linux; loader workers and the decode pool are children.
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"main_mib": round(own, 1), "largest_child_mib": round(children, 1)}
+
+
+@dataclass
+class _Sums:
+    loss: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "correct": self.correct, "seen": self.seen, "seconds": self.seconds}
+
+
+def train(
+    cfg: TrainConfig, opts: RunOptions, resume: dict | None = None, resume_path: Path | None = None
+) -> dict:
+    """Run (or continue) the training; returns the summary written to <out>/log.json."""
+    from timm.utils import ModelEmaV3
+
+    torch.set_num_threads(opts.threads)
+    log = opts.log
+    folders = open_folders(cfg.data, opts.data_root)
+    if resume is not None:
+        check_checkpoint(resume, resume_path or Path("?"), cfg.timm_name, folders.classes)
+    train_split = balanced_subset(folders.train, cfg.max_images)
+    val_split = balanced_subset(folders.val, cfg.max_val_images)
+    pp = eval_preprocessing(cfg)
+    t_cache = time.perf_counter()
+    train_images = cached_array(train_split, train_store_preprocessing(pp.mean, pp.std), opts.cache_dir)
+    val_images = cached_array(val_split, pp, opts.cache_dir)
+    cache_s = time.perf_counter() - t_cache
+    if cache_s > 5:
+        log(
+            f"decoded {len(train_split)} train + {len(val_split)} val images in {cache_s:.0f} s "
+            f"into {opts.cache_dir}"
+        )
+    train_labels, val_labels = train_split.labels, val_split.labels
+    epoch_val = balanced_indices(val_labels, cfg.val_images_per_epoch)
+    val_subset_images = val_images if len(epoch_val) == len(val_labels) else val_images[epoch_val]
+
+    schedule = cfg.schedule()
+    num_classes = len(folders.classes)
+    model = build_model(cfg, num_classes, schedule[0])
+    model.train()
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=0.75)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    steps = steps_per_epoch(len(train_split), cfg.batch_size)
+    total_steps = steps * cfg.epochs
+    warmup = min(total_steps, int(round(cfg.warmup_epochs * steps)))
+    rng = np.random.default_rng([cfg.seed, 0x5EED])
+
+    epoch, step, global_step = 0, 0, 0
+    history: list[dict] = []
+    sums = _Sums()
+    elapsed_before = 0.0
+    if resume is not None:
+        from serving.models.weights import load_into
+
+        load_into(model, resume["model"], f"checkpoint {resume_path}")
+        load_into(ema.module, resume["ema"], f"checkpoint {resume_path} (EMA)")
+        optimizer.load_state_dict(resume["optimizer"])
+        epoch, step, global_step = resume["epoch"], resume["step"], resume["scheduler"]["global_step"]
+        history = list(resume["history"])
+        sums = _Sums(**resume["partial"])
+        elapsed_before = float(resume["elapsed_s"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        rng.bit_generator.state = resume["rng"]["numpy"]
+        random.setstate(resume["rng"]["python"])
+        log(f"resuming {resume_path} at epoch {epoch + 1}/{cfg.epochs}, step {step}/{steps}")
+    if cfg.channels_last:
+        ema.module.to(memory_format=torch.channels_last)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = opts.out / "last.pt"
+    session_start = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - session_start
+
+    def checkpoint(epoch_: int, step_: int) -> None:
+        _atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "arch": cfg.timm_name,
+                "classes": list(folders.classes),
+                "config": cfg.to_dict(),
+                "epoch": epoch_,
+                "step": step_,
+                "stage": cfg.stage_of(min(epoch_, cfg.epochs - 1)).index,
+                "model": model.state_dict(),
+                "ema": ema.module.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": {
+                    "kind": "warmup-cosine",
+                    "global_step": global_step,
+                    "warmup_steps": warmup,
+                    "total_steps": total_steps,
+                },
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "numpy": rng.bit_generator.state,
+                    "python": random.getstate(),
+                },
+                "history": history,
+                "partial": sums.as_dict(),
+                "elapsed_s": elapsed(),
+                "command": opts.command,
+            },
+            ckpt_path,
+        )
+
+    smoothing = cfg.label_smoothing
+    with _CtrlC(log) as ctrl_c:
+        while epoch < cfg.epochs:
+            stage = cfg.stage_of(epoch)
+            model.drop_rate = stage.dropout  # timm's EfficientNet reads it on every forward
+            aug = Augment(stage.image_size, cfg.crop_scale_min, cfg.randaug_ops, stage.randaug_magnitude)
+            batches = EpochBatches(len(train_labels), cfg.batch_size, cfg.seed, epoch, start=step)
+            loader = torch.utils.data.DataLoader(
+                AugmentedImages(train_images, train_labels, aug),
+                batch_sampler=batches,
+                num_workers=opts.workers,
+                worker_init_fn=worker_init if opts.workers else None,
+                prefetch_factor=6 if opts.workers else None,
+                # Its own generator: creating a loader must not draw from the trainer's RNG stream.
+                generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
+            )
+            desc = f"epoch {epoch + 1}/{cfg.epochs} {stage.image_size}px"
+            bar = _progress(opts.progress, steps, step, desc)
+            t_epoch = time.perf_counter()
+            for x, y in loader:
+                lr = lr_at(cfg, global_step, total_steps, warmup)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                x = _normalize(x, pp, cfg.channels_last)
+                target = F.one_hot(y, num_classes).float() * (1 - smoothing) + smoothing / num_classes
+                hard = y
+                if stage.mixup_alpha > 0:
+                    lam = float(rng.beta(stage.mixup_alpha, stage.mixup_alpha))
+                    x = x.mul(lam).add_(x.flip(0), alpha=1 - lam)
+                    target = target.mul(lam).add_(target.flip(0), alpha=1 - lam)
+                    hard = y if lam >= 0.5 else y.flip(0)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                    logits = model(x)
+                loss = torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                global_step += 1
+                ema.update(model, step=global_step)
+                step += 1
+                sums.loss += loss.item() * len(y)
+                sums.correct += int((logits.argmax(1) == hard).sum())
+                sums.seen += len(y)
+                now = time.perf_counter()
+                sums.seconds += now - t_epoch
+                t_epoch = now
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{sums.loss / sums.seen:.3f}",
+                        acc=f"{sums.correct / sums.seen:.3f}",
+                        img_s=f"{sums.seen / max(sums.seconds, 1e-9):.0f}",
+                        lr=f"{lr:.2e}",
+                        refresh=False,
+                    )
+                if opts.on_step is not None:
+                    opts.on_step(epoch, step)
+                if ctrl_c.requested and step < steps:
+                    break
+            if bar is not None:
+                bar.close()
+            del loader
+            if ctrl_c.requested and step < steps:
+                checkpoint(epoch, step)
+                _write_log(opts.out, cfg, history, None, opts)
+                raise TrainingInterrupted(
+                    f"interrupted at epoch {epoch + 1}/{cfg.epochs}, step {step}/{steps}; checkpoint saved "
+                    f"to {ckpt_path}; resume with: {opts.resume_command}"
+                )
+            full_val = epoch == stage.last_epoch or epoch == cfg.epochs - 1
+            val = (
+                evaluate(ema.module, val_images, val_labels, pp, cfg)
+                if full_val
+                else evaluate(ema.module, val_subset_images, val_labels[epoch_val], pp, cfg)
+            )
+            record = {
+                "epoch": epoch + 1,
+                "stage": stage.index + 1,
+                "image_size": stage.image_size,
+                "dropout": stage.dropout,
+                "randaug_magnitude": stage.randaug_magnitude,
+                "mixup_alpha": stage.mixup_alpha,
+                "lr_end": optimizer.param_groups[0]["lr"],
+                "train_loss": sums.loss / max(1, sums.seen),
+                "train_top1": sums.correct / max(1, sums.seen),
+                "train_images": sums.seen,
+                "train_seconds": round(sums.seconds, 2),
+                "images_per_second": round(sums.seen / max(sums.seconds, 1e-9), 1),
+                "val_top1_ema": val["top1"],
+                "val_loss_ema": val["loss"],
+                "val_images": val["images"],
+                "val_seconds": round(val["seconds"], 2),
+                "elapsed_s": round(elapsed(), 1),
+            }
+            history.append(record)
+            epoch, step, sums = epoch + 1, 0, _Sums()
+            checkpoint(epoch, 0)
+            _write_log(opts.out, cfg, history, None, opts)
+            log(
+                f"epoch {record['epoch']}/{cfg.epochs} stage {record['stage']} {stage.image_size}px: "
+                f"loss {record['train_loss']:.3f} train acc {record['train_top1']:.3f} "
+                f"{record['images_per_second']:.0f} img/s | val EMA top-1 {val['top1']:.4f} "
+                f"on {val['images']} ({record['elapsed_s'] / 60:.1f} min)"
+            )
+            if ctrl_c.requested and epoch < cfg.epochs:
+                raise TrainingInterrupted(
+                    f"interrupted after epoch {epoch}/{cfg.epochs}; checkpoint saved to {ckpt_path}; "
+                    f"resume with: {opts.resume_command}"
+                )
+
+    final_ema = evaluate(ema.module, val_images, val_labels, pp, cfg)
+    final_raw = evaluate(model, val_images, val_labels, pp, cfg)
+    export = opts.export or opts.out / f"{cfg.name}.safetensors"
+    summary = {
+        "val_top1_ema": final_ema["top1"],
+        "val_top1_raw": final_raw["top1"],
+        "val_images": final_ema["images"],
+        "wall_s": round(elapsed(), 1),
+        "peak_memory": peak_memory_mib(),
+        "exported": str(export),
+    }
+    manifest = export_weights(ema.module, export, cfg, folders, pp, summary, opts)
+    summary["sha256"] = manifest["sha256"]
+    _write_log(opts.out, cfg, history, summary, opts)
+    log(
+        f"done: val top-1 EMA {final_ema['top1']:.4f} (raw {final_raw['top1']:.4f}) on {final_ema['images']} "
+        f"images; wall {summary['wall_s'] / 60:.1f} min; peak RSS {summary['peak_memory']['main_mib']:.0f} "
+        f"MiB (loader/decode children {summary['peak_memory']['largest_child_mib']:.0f} MiB); "
+        f"weights {export} sha256 {manifest['sha256'][:16]}..."
+    )
+    return summary
+
+
+def export_weights(
+    module: nn.Module,
+    path: Path,
+    cfg: TrainConfig,
+    folders: ImageFolders,
+    pp: Preprocessing,
+    summary: dict,
+    opts: RunOptions,
+) -> dict:
+    """fp16 .safetensors (what the zoo loads) + a JSON manifest beside it with sha256 and command."""
+    import timm
+    from safetensors.torch import save_file
+
+    sd = {
+        k: v.detach().to(torch.float16).contiguous()
+        for k, v in module.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(sd, str(tmp), metadata={"model": cfg.name, "arch": cfg.timm_name, "format": "rtq-train"})
+    os.replace(tmp, path)
+    manifest = {
+        "model": cfg.name,
+        "timm_name": cfg.timm_name,
+        "file": path.name,
+        "sha256": sha256_of(path),
+        "bytes": path.stat().st_size,
+        "dtype": "float16",
+        "weights": "EMA",
+        "classes": list(folders.classes),
+        "preprocessing": pp.to_dict(),
+        "command": opts.command,
+        "data": str(folders.root),
+        "config": cfg.to_dict(),
+        "results": summary,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": opts.threads,
+        },
+        "versions": {"torch": torch.__version__, "timm": timm.__version__},
+    }
+    path.with_suffix(".json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _write_log(
+    out: Path, cfg: TrainConfig, history: list[dict], summary: dict | None, opts: RunOptions
+) -> None:
+    payload = {
+        "config": cfg.to_dict(),
+        "schedule": [s.__dict__ for s in cfg.schedule()],
+        "command": opts.command,
+        "history": history,
+        "summary": summary,
+    }
+    tmp = out / ".log.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, out / "log.json")
+    if history:
+        plot_curves(history, cfg, out / "curves.png")
+
+
+def plot_curves(history: list[dict], cfg: TrainConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train (smoothed, mixed targets)")
+    ax_loss.plot(epochs, [h["val_loss_ema"] for h in history], label="val (EMA)")
+    ax_acc.plot(epochs, [h["train_top1"] for h in history], label="train")
+    ax_acc.plot(epochs, [h["val_top1_ema"] for h in history], label="val (EMA)")
+    for stage in cfg.schedule()[1:]:
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(stage.first_epoch + 0.5, color="grey", lw=0.6, ls=":")
+    for ax, title in ((ax_loss, "loss"), (ax_acc, "top-1")):
+        ax.set_xlabel("epoch")
+        ax.set_title(f"{cfg.name}: {title}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    sizes = "/".join(str(s.image_size) for s in cfg.schedule())
+    fig.suptitle(f"progressive stages (dotted): {sizes} px", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _progress(enabled: bool, total: int, done: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc=desc, unit="step", dynamic_ncols=True, leave=False)
