@@ -9,7 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.edge.batching import BatchObserver, BatchPolicy, Expired, ModelBatcher, Pending, QueueFull
+from serving.edge.batching import (
+    BatchObserver,
+    BatchPolicy,
+    CannotMeetDeadline,
+    Expired,
+    ModelBatcher,
+    ModelStopped,
+    Pending,
+    QueueFull,
+)
 from serving.repository.layout import open_variant
 from serving.runtimes import open_runner
 
@@ -140,3 +149,57 @@ def test_a_full_queue_refuses_and_stop_finishes_the_queue(runner):
     gated.gate.set()
     batcher.stop()  # drains what was accepted
     assert sorted(rec.answers) == [0, 1, 2] and all(exc is None for _, exc in rec.answers.values())
+
+
+def test_a_deadline_shorter_than_the_queued_work_is_refused_on_arrival(runner):
+    rec = Recorder()
+    gated = GatedRunner(runner)
+    gated.gate.set()
+    batcher = ModelBatcher([gated], BatchPolicy(max_batch_size=8), rec.observer())
+    try:
+        batcher.submit(Pending(images(8, 0), None, rec.done(0)))  # teaches the batcher a batch's time
+        rec.wait(1)
+        gated.gate.clear()
+        rec.taken.clear()
+        batcher.submit(Pending(images(8, 1), None, rec.done(1)))
+        assert rec.taken.wait(10)  # held in compute
+        for i in (2, 3, 4):
+            batcher.submit(Pending(images(8, i), None, rec.done(i)))
+        # Four batches ahead: a deadline of one batch's time cannot be met, and is told so at once.
+        batch_s = batcher._batch_s
+        assert batch_s is not None
+        batcher.submit(Pending(images(1, 5), time.monotonic() + batch_s, rec.done(5)))
+        assert isinstance(rec.answers[5][1], CannotMeetDeadline) and isinstance(rec.answers[5][1], Expired)
+        batcher.submit(Pending(images(1, 6), time.monotonic() + 60, rec.done(6)))  # this one can wait
+        assert 6 not in rec.answers
+        gated.gate.set()
+        rec.wait(7)
+    finally:
+        gated.gate.set()
+        batcher.stop()
+    assert all(rec.answers[i][1] is None for i in (0, 1, 2, 3, 4, 6))
+    assert sum(rec.batches) == 8 * 5 + 1  # the refused image never reached the runtime
+
+
+def test_a_draining_batcher_refuses_new_requests_and_finishes_the_queue(runner):
+    rec = Recorder()
+    gated = GatedRunner(runner)
+    batcher = ModelBatcher([gated], BatchPolicy(max_batch_size=8), rec.observer())
+    try:
+        batcher.submit(Pending(images(8, 0), None, rec.done(0)))
+        assert rec.taken.wait(10)
+        batcher.submit(Pending(images(2, 1), None, rec.done(1)))
+        batcher.refuse_new()
+        with pytest.raises(ModelStopped):
+            batcher.submit(Pending(images(1, 2), None, rec.done(2)))
+        assert not batcher.idle()
+        gated.gate.set()
+        rec.wait(2)
+        deadline = time.monotonic() + 10
+        while not batcher.idle() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert batcher.idle()
+    finally:
+        gated.gate.set()
+        batcher.stop()
+    assert sorted(rec.answers) == [0, 1] and all(exc is None for _, exc in rec.answers.values())
