@@ -48,6 +48,31 @@ def huge_png() -> bytes:
     return buf.getvalue()
 
 
+def tall_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (1, 100_000)).save(buf, format="PNG")  # a few hundred bytes; resized: 256x25600000
+    return buf.getvalue()
+
+
+def gif() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20)).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+# A palette PNG whose IDAT length is off by three: PIL raises SyntaxError (not OSError) loading it.
+BROKEN_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000300000002801030000008249eb3200000003504c5445000000a77a3dda"
+    "0000001449444154789c63fccfc0c0c0c0c0c4304abdff69a1500042d0014fc164ccbb0000000049454e44ae426082"
+)
+
+
+def raw_and_typed() -> pb.ModelInferRequest:
+    req = request()
+    req.inputs[0].contents.fp32_contents.extend([1.0, 2.0])
+    return req
+
+
 def with_nan() -> pb.ModelInferRequest:
     x = np.zeros((1, *IMAGE), np.float32)
     x[0, 1, 5, 5] = np.nan
@@ -155,6 +180,35 @@ CASES: list[tuple[str, Callable[[], pb.ModelInferRequest], grpc.StatusCode, str,
         LABELS,
     ),
     (
+        "extreme aspect ratio",
+        lambda: images(tall_png()),
+        CODE.INVALID_ARGUMENT,
+        "image 0: image is 1x100000; aspect ratios above 32:1 are refused",
+        LABELS,
+    ),
+    ("GIF", lambda: images(gif()), CODE.INVALID_ARGUMENT, "image 0: not a JPEG, PNG, WebP or BMP", LABELS),
+    (
+        "PIL SyntaxError",
+        lambda: images(BROKEN_PNG),
+        CODE.INVALID_ARGUMENT,
+        "image 0: cannot decode image: SyntaxError: broken PNG file",
+        LABELS,
+    ),
+    (
+        "raw and typed contents",
+        raw_and_typed,
+        CODE.INVALID_ARGUMENT,
+        "both raw_input_contents and typed contents",
+        LABELS,
+    ),
+    (
+        "huge model name",
+        lambda: request(model="m" * 100_000),
+        CODE.NOT_FOUND,
+        "unknown model 'mmmm",
+        NO_MODEL,
+    ),
+    (
         "truncated BYTES",
         lambda: request(shape=(1,), datatype="BYTES", raw=struct.pack("<I", 99) + b"abc"),
         CODE.INVALID_ARGUMENT,
@@ -218,7 +272,7 @@ def test_bad_input_gets_a_precise_status_and_is_counted(server, stub, case, buil
         stub.ModelInfer(build(), timeout=30)
     assert exc.value.code() == code, exc.value.details()
     assert words in exc.value.details()
-    assert "\n" not in exc.value.details()
+    assert "\n" not in exc.value.details() and len(exc.value.details()) <= 1000
     assert failures(server.metrics_port, code.name, labels) == before + 1
     # ... and the server keeps serving.
     ok = stub.ModelInfer(request(), timeout=30)

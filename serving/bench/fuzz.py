@@ -15,6 +15,7 @@ Public entry points:
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import random
@@ -241,7 +242,7 @@ class _Images:
         self.good.append(_encode(palette, "PNG"))
         base_jpeg = self.good[2]
         small_idat = zlib.compress(bytes(1000))
-        text_bomb = _chunk(b"zTXt", b"comment\x00\x00" + zlib.compress(bytes(64 * 1024 * 1024), 9))
+        text_bomb = _chunk(b"zTXt", b"comment\x00\x00" + zlib.compress(bytes(16 * 1024 * 1024), 9))
         # (what, bytes, may it be decoded): all but one are refused before any pixel is decoded.
         self.bombs: list[tuple[str, bytes, bool]] = [
             ("PNG declaring 60000x60000, 1 KB of data", png_bytes(60000, 60000, small_idat), False),
@@ -251,7 +252,7 @@ class _Images:
             ("PNG 1x100000 (extreme aspect ratio)", png_bytes(1, 100000), False),
             ("PNG 100000x1 (extreme aspect ratio)", png_bytes(100000, 1), False),
             ("PNG 2x1000000 (extreme aspect ratio)", png_bytes(2, 1_000_000), False),
-            ("PNG with a 64 MiB zTXt text bomb", png_bytes(16, 16, extra=[text_bomb]), False),
+            ("PNG with a 16 MiB zTXt text bomb", png_bytes(16, 16, extra=[text_bomb]), False),
             ("PNG declaring 0x0", png_bytes(0, 0, small_idat), False),
             ("JPEG declaring 65500x65500", jpeg_with_size(base_jpeg, 65500, 65500), False),
             ("JPEG declaring 8000x6000 (48 Mpixel)", jpeg_with_size(base_jpeg, 8000, 6000), False),
@@ -268,6 +269,11 @@ class _Images:
             ("EPS header", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100000 100000\n"),
             ("PSD header", b"8BPS\x00\x01" + bytes(6) + struct.pack(">HIIHH", 3, 60000, 60000, 8, 3)),
         ]
+
+
+@functools.lru_cache(maxsize=4)
+def _images(seed: int) -> _Images:
+    return _Images(seed)
 
 
 # -- the generator ---------------------------------------------------------------------------------
@@ -353,7 +359,7 @@ class CaseGenerator:
         self.model = model
         self.seed = seed
         self.max_message_bytes = max_message_bytes
-        self.images = _Images(seed)
+        self.images = _images(seed)
         schedule = [c for c, w in WEIGHTS.items() for _ in range(w)]
         random.Random(0).shuffle(schedule)
         self.schedule = schedule
