@@ -11,12 +11,11 @@ waiting could never fill a batch and would only add the whole delay to every req
 
 Admission: a full queue refuses at once (QueueFull), and so does a request whose deadline is
 shorter than the work already queued ahead of it (CannotMeetDeadline, from the recent compute time
-per batch): under overload the excess is refused fast instead of timing out in the queue.
+per image): under overload the excess is refused fast instead of timing out in the queue.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
@@ -29,7 +28,7 @@ from serving.runtimes.base import Runner
 
 # Smoothing of the inter-arrival estimate: ~10 recent requests dominate.
 _EWMA = 0.2
-# Smoothing of the compute time per batch, for the wait a new request faces.
+# Smoothing of the compute time per image, for the wait a new request faces.
 _COMPUTE_EWMA = 0.1
 
 
@@ -94,7 +93,7 @@ class ModelBatcher:
         self._refusing = False  # draining: what is queued runs, nothing new is taken
         self._last_arrival: float | None = None
         self._interarrival = float("inf")
-        self._batch_s: float | None = None  # recent compute time of one batch; None until one ran
+        self._per_image_s: float | None = None  # recent compute time per image; None until a batch ran
         self._queued_images = 0
         self._computing_images = 0  # in batches being computed now
         self._threads = [
@@ -111,13 +110,12 @@ class ModelBatcher:
             if len(self._queue) >= self.policy.max_queue_size:
                 raise QueueFull()
             now = item.enqueued
-            if item.deadline is not None and self._batch_s is not None:
+            ahead = self._computing_images + self._queued_images
+            if item.deadline is not None and self._per_image_s is not None and ahead:
                 # Under overload a request that cannot be served in time is told so at once,
                 # instead of waiting out its whole deadline in the queue and being dropped then.
-                # Counted in batches: what runs now, then the queue ahead and this one, batch by batch.
-                batches = math.ceil((self._queued_images + item.size) / self.policy.max_batch_size)
-                running = 1 if self._computing_images else 0
-                wait = (running + batches) * self._batch_s / self.policy.instances
+                # With nothing ahead it always runs: that also keeps the estimate current.
+                wait = (ahead + item.size) * self._per_image_s / self.policy.instances
                 if now + wait > item.deadline:
                     item.done(None, CannotMeetDeadline())
                     return
@@ -158,9 +156,10 @@ class ModelBatcher:
         total = 0
         while self._queue:
             head = self._queue[0]
-            # One that would finish after its deadline even if computed now is dropped too: its
-            # client has given up by then, and the compute is better spent on the next ones.
-            if head.deadline is not None and head.deadline <= now + (self._batch_s or 0.0):
+            # One that would finish after its deadline even if computed now is dropped too when
+            # others wait behind it: its client has given up by then, and they can use the compute.
+            late = now + (self._per_image_s or 0.0) * head.size if len(self._queue) > 1 else now
+            if head.deadline is not None and head.deadline <= late:
                 self._queue.popleft()
                 self._queued_images -= head.size
                 head.done(None, Expired())
@@ -228,10 +227,11 @@ class ModelBatcher:
             self.observer.computed(images, seconds)
             with self._cond:
                 self._computing_images -= images
-                self._batch_s = (
-                    seconds
-                    if self._batch_s is None
-                    else (1 - _COMPUTE_EWMA) * self._batch_s + _COMPUTE_EWMA * seconds
+                per_image = seconds / max(1, images)
+                self._per_image_s = (
+                    per_image
+                    if self._per_image_s is None
+                    else (1 - _COMPUTE_EWMA) * self._per_image_s + _COMPUTE_EWMA * per_image
                 )
             offset = 0
             answers = []
