@@ -301,6 +301,8 @@ class OverloadResult:
     # Admitted requests, latency from the due time; a missed deadline counts with its latency.
     overload_admitted_p50_ms: float | None = None
     overload_admitted_p99_ms: float | None = None
+    # Refused up front: RESOURCE_EXHAUSTED (queue full), or DEADLINE_EXCEEDED answered in under
+    # half the SLO (the server saw it could not make it); later ones count as admitted but late.
     refused_by_code: dict[str, int] = field(default_factory=dict)
     # How fast the server said no, from the moment the request left (per refusal code and all).
     refusal_p50_ms: float | None = None
