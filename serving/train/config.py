@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, fields
 from serving.errors import RtqError
 
 DEFAULT_NAME = "efficientnetv2_b0_imagenette"
+# The one architecture `rtq train` trains (the zoo entry above registers its output).
+ARCH = "tf_efficientnetv2_b0"
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class TrainConfig:
     """
 
     name: str = DEFAULT_NAME
-    timm_name: str = "tf_efficientnetv2_b0"
+    timm_name: str = ARCH
     data: str = "imagenette"
     epochs: int = 40
     stages: int = 4

@@ -70,10 +70,11 @@ def open_folders(data: str, data_root: Path | None) -> ImageFolders:
             )
         root = base / root
     splits: dict[str, dict[str, list[Path]]] = {}
+    missing = [name for name in ("train", "val") if not (root / name).is_dir()]
+    if missing:
+        raise RtqError(f"{root} has no {missing[0]}/ folder; expected {root}/{{train,val}}/<class>/*.JPEG")
     for name in ("train", "val"):
         d = root / name
-        if not d.is_dir():
-            raise RtqError(f"{root} has no {name}/ folder; expected {root}/{{train,val}}/<class>/*.JPEG")
         dirs = _class_dirs(d)
         if not dirs:
             raise RtqError(f"{d} holds no class folders; expected {d}/<class>/*.JPEG")

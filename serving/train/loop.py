@@ -28,7 +28,7 @@ from torch import nn
 from serving.errors import RtqError
 from serving.models.preprocessing import Preprocessing
 from serving.models.weights import sha256_of
-from serving.train.config import Stage, TrainConfig
+from serving.train.config import ARCH, Stage, TrainConfig
 from serving.train.data import (
     Augment,
     AugmentedImages,
@@ -203,6 +203,12 @@ def _atomic_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _cpu_seconds() -> dict:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"trainer": own.ru_utime + own.ru_stime, "workers": children.ru_utime + children.ru_stime}
+
+
 def peak_memory_mib() -> dict:
     # ru_maxrss is KiB on Linux; loader workers and the decode pool are children.
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -231,7 +237,8 @@ def train(
     log = opts.log
     folders = open_folders(cfg.data, opts.data_root)
     if resume is not None:
-        check_checkpoint(resume, resume_path or Path("?"), cfg.timm_name, folders.classes)
+        # Against ARCH, not cfg.timm_name: a resumed run's config comes from the checkpoint itself.
+        check_checkpoint(resume, resume_path or Path("?"), ARCH, folders.classes)
     train_split = balanced_subset(folders.train, cfg.max_images)
     val_split = balanced_subset(folders.val, cfg.max_val_images)
     pp = eval_preprocessing(cfg)
@@ -266,8 +273,11 @@ def train(
     if resume is not None:
         from serving.models.weights import load_into
 
-        load_into(model, resume["model"], f"checkpoint {resume_path}")
+        load_into(model, resume["model"], f"checkpoint {resume_path}")  # names what does not fit
         load_into(ema.module, resume["ema"], f"checkpoint {resume_path} (EMA)")
+        # load_into skips batch-norm step counters; an exact resume wants them back too.
+        model.load_state_dict(resume["model"])
+        ema.module.load_state_dict(resume["ema"])
         optimizer.load_state_dict(resume["optimizer"])
         epoch, step, global_step = resume["epoch"], resume["step"], resume["scheduler"]["global_step"]
         history = list(resume["history"])
@@ -337,6 +347,7 @@ def train(
             desc = f"epoch {epoch + 1}/{cfg.epochs} {stage.image_size}px"
             bar = _progress(opts.progress, steps, step, desc)
             t_epoch = time.perf_counter()
+            cpu_start = _cpu_seconds()
             for x, y in loader:
                 lr = lr_at(cfg, global_step, total_steps, warmup)
                 for g in optimizer.param_groups:
@@ -379,7 +390,8 @@ def train(
                     break
             if bar is not None:
                 bar.close()
-            del loader
+            del loader  # joins the workers, so their CPU time is counted below
+            cpu = {k: v - cpu_start[k] for k, v in _cpu_seconds().items()}
             if ctrl_c.requested and step < steps:
                 checkpoint(epoch, step)
                 _write_log(opts.out, cfg, history, None, opts)
@@ -406,6 +418,10 @@ def train(
                 "train_images": sums.seen,
                 "train_seconds": round(sums.seconds, 2),
                 "images_per_second": round(sums.seen / max(sums.seconds, 1e-9), 1),
+                # CPU time survives a busy machine better than wall time: on an idle one the two
+                # cores run about (trainer + workers) / 2 seconds of it per second.
+                "cpu_seconds_trainer": round(cpu["trainer"], 2),
+                "cpu_seconds_workers": round(cpu["workers"], 2),
                 "val_top1_ema": val["top1"],
                 "val_loss_ema": val["loss"],
                 "val_images": val["images"],
@@ -512,7 +528,7 @@ def _write_log(
     tmp = out / ".log.json.tmp"
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, out / "log.json")
-    if history:
+    if history and summary is None:  # the final call has no new epoch to draw
         plot_curves(history, cfg, out / "curves.png")
 
 
