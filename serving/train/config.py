@@ -43,7 +43,7 @@ class TrainConfig:
     name: str = DEFAULT_NAME
     timm_name: str = ARCH
     data: str = "imagenette"
-    epochs: int = 40
+    epochs: int = 48
     stages: int = 4
     min_size: int = 96
     max_size: int = 160
