@@ -112,7 +112,11 @@ def test_overload_at_twice_capacity_is_refused_fast_and_latency_recovers(small_r
 def test_soak_reports_errors_memory_and_drift_per_window(small_repository: Path):
     edge = start_edge_process(small_repository, [ORT])
     try:
-        r = run_soak(edge.url, ORT, 40.0, server_pid=edge.pid, duration_s=6, window_s=2, fraction=0.5)
+        # A 2 s deadline: a neighbour's CPU spike on this shared machine is not an error here,
+        # a failed or unanswered request is.
+        r = run_soak(
+            edge.url, ORT, 40.0, server_pid=edge.pid, duration_s=6, window_s=2, fraction=0.5, slo_ms=2000
+        )
         print(soak_markdown(r))
         assert r.sent == int(20 * 6) and r.errors == 0, r.errors_by_code
         assert len(r.p99_by_window_ms) == 3 and all(v is not None for v in r.p99_by_window_ms)
