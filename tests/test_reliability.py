@@ -21,19 +21,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from serving.bench.stress import (
-    _METHOD,
-    _channel,
+    drain_markdown,
     infer_request,
+    ledger_under_load,
     overload_markdown,
     probe_capacity,
     run_overload,
+    run_sigterm_under_load,
     run_soak,
     soak_markdown,
     start_edge_process,
@@ -128,66 +128,19 @@ def test_soak_reports_errors_memory_and_drift_per_window(small_repository: Path)
 
 
 # -- SIGTERM under load --------------------------------------------------------------------------
-async def _ledger(url: str, payload: bytes, rate: float, seconds: float, at: float, act) -> list[tuple]:
-    """Open loop at `rate` for `seconds`, calling act() once `at` s in; every request's outcome as
-    (index, sent, finished, code, details); the timeout is long, so nothing ends by the client's clock."""
-    out: list[tuple] = []
-    async with _channel(url) as channel:
-        call = channel.unary_unary(_METHOD)
-        await channel.channel_ready()
-
-        async def one(k: int) -> None:
-            sent = time.monotonic()
-            try:
-                await call(payload, timeout=60)
-                out.append((k, sent, time.monotonic(), "OK", ""))
-            except grpc.aio.AioRpcError as exc:
-                out.append((k, sent, time.monotonic(), exc.code().name, exc.details() or ""))
-
-        tasks = []
-        t0 = time.monotonic()
-        acted = False
-        for k in range(int(rate * seconds)):
-            due = t0 + k / rate
-            if not acted and due >= t0 + at:
-                act()
-                acted = True
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            tasks.append(asyncio.create_task(one(k)))
-        await asyncio.gather(*tasks)
-    assert len(out) == int(rate * seconds), "a request got no outcome at all"
-    return out
-
-
 def test_sigterm_under_load_answers_every_accepted_request(small_repository: Path):
     """`rtq serve` gets SIGTERM with a backlog queued: every accepted request is answered OK, every
     later one is refused UNAVAILABLE, and the process exits 0."""
-    edge = start_edge_process(small_repository, [ORT], max_queue=256)
     # Batches of 8 at ~1.5x what this model computes here: a backlog is queued when the signal comes.
-    payload = infer_request(ORT, shape=(8, 3, 224, 224))
-    signalled: list[float] = []
-
-    def term() -> None:
-        signalled.append(time.monotonic())
-        edge.proc.send_signal(signal.SIGTERM)
-
-    try:
-        out = asyncio.run(_ledger(edge.url, payload, rate=40, seconds=4, at=1.5, act=term))
-        assert edge.proc.wait(60) == 0
-    finally:
-        edge.stop()
-    codes = Counter(code for *_, code, _ in out)
-    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
-    assert codes["OK"] > 0 and codes["UNAVAILABLE"] > 0, codes
-    # Requests sent before the signal and answered after it: the drain served a real backlog.
-    assert sum(1 for _, sent, fin, code, _ in out if code == "OK" and sent < signalled[0] < fin) >= 2
-    # Refusals come after the signal, and none of them took a request the server had accepted:
-    # past the first refusal, nothing sent later is answered OK.
-    first_refused = min(k for k, *_, code, _ in out if code == "UNAVAILABLE")
-    assert all(code == "UNAVAILABLE" for k, *_, code, _ in out if k > first_refused)
+    r = run_sigterm_under_load(small_repository, ORT, rate=40, seconds=4, at=1.5, batch=8)
+    assert r.sent == int(40 * 4), "a request got no outcome at all"
+    assert not r.lost and r.answered_ok > 0 and r.refused_unavailable > 0, r
+    assert r.backlog_served >= 2, r  # requests sent before the signal and answered after it
+    assert r.ok_after_first_refusal == 0 and r.exit_code == 0, r
+    assert all(r.checks().values()), r.checks()
+    assert "0 accepted requests lost" in drain_markdown(r)
     # Refused by the draining server ("shutting down") or, once it closed, by the connection.
-    details = Counter(d.split(";")[0][:40] for *_, code, d in out if code == "UNAVAILABLE")
-    assert all("shutting down" in d or "connect" in d for d in details), details
+    assert all("shutting down" in d or "connect" in d for d in r.refusal_reasons), r.refusal_reasons
 
 
 def test_stop_under_load_ledger_matches_the_servers_own_count(small_repository: Path):
@@ -197,7 +150,9 @@ def test_stop_under_load_ledger_matches_the_servers_own_count(small_repository: 
     payload = infer_request(ORT, shape=(4, 3, 224, 224))
     stopper = threading.Thread(target=srv.stop)
     out = asyncio.run(
-        _ledger(f"127.0.0.1:{srv.grpc_port}", payload, rate=60, seconds=3, at=1.2, act=stopper.start)
+        ledger_under_load(
+            f"127.0.0.1:{srv.grpc_port}", payload, rate=60, seconds=3, at=1.2, act=stopper.start
+        )
     )
     stopper.join(60)
     served = {

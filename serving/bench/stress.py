@@ -520,6 +520,107 @@ def run_soak(
     return result
 
 
+# -- SIGTERM under load ---------------------------------------------------------------------------
+async def ledger_under_load(
+    url: str, payload: bytes, rate: float, seconds: float, at: float, act: Callable[[], None]
+) -> list[tuple[int, float, float, str, str]]:
+    """Open loop at `rate` for `seconds`, calling act() once `at` s in; every request's outcome as
+    (index, sent, finished, code, details). The timeout is long: nothing ends by the client's clock."""
+    out: list[tuple[int, float, float, str, str]] = []
+    async with _channel(url) as channel:
+        call = channel.unary_unary(_METHOD)
+        await channel.channel_ready()
+
+        async def one(k: int) -> None:
+            sent = time.monotonic()
+            try:
+                await call(payload, timeout=60)
+                out.append((k, sent, time.monotonic(), "OK", ""))
+            except grpc.aio.AioRpcError as exc:
+                out.append((k, sent, time.monotonic(), exc.code().name, exc.details() or ""))
+
+        tasks = []
+        t0 = time.monotonic()
+        acted = False
+        for k in range(int(rate * seconds)):
+            due = t0 + k / rate
+            if not acted and due >= t0 + at:
+                act()
+                acted = True
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            tasks.append(asyncio.create_task(one(k)))
+        await asyncio.gather(*tasks)
+    return out
+
+
+@dataclass
+class DrainResult:
+    """SIGTERM with a backlog: every request's fate, from the client's ledger."""
+
+    model: str
+    rate_rps: float
+    batch: int
+    sent: int
+    answered_ok: int
+    refused_unavailable: int
+    lost: dict[str, int]  # any other outcome of a request: what "nothing lost" must keep empty
+    backlog_served: int  # sent before the signal, answered OK after it: the drain really drained
+    ok_after_first_refusal: int  # a refusal must not overtake an accepted request
+    exit_code: int | None
+    drain_s: float  # signal -> process exit
+    refusal_reasons: dict[str, int] = field(default_factory=dict)  # UNAVAILABLE details, first 40 chars
+
+    def checks(self) -> dict[str, bool]:
+        return {
+            "0 accepted requests lost": not self.lost
+            and self.sent == self.answered_ok + self.refused_unavailable,
+            "new requests refused with UNAVAILABLE": self.refused_unavailable > 0,
+            "a real backlog was drained": self.backlog_served > 0,
+            "no acceptance after the first refusal": self.ok_after_first_refusal == 0,
+            "exit code 0": self.exit_code == 0,
+        }
+
+
+def run_sigterm_under_load(
+    repository, model: str, rate: float = 40.0, seconds: float = 4.0, at: float = 1.5, batch: int = 8
+) -> DrainResult:
+    """`rtq serve` in its own process gets SIGTERM `at` s into an open loop of `batch`-image requests
+    at `rate`/s (above what a 2-core machine computes, so a backlog is queued when the signal comes)."""
+    import signal
+
+    edge = start_edge_process(repository, [model], max_queue=256)
+    payload = infer_request(model, shape=(batch, 3, 224, 224))
+    signalled: list[float] = []
+
+    def term() -> None:
+        signalled.append(time.monotonic())
+        edge.proc.send_signal(signal.SIGTERM)
+
+    try:
+        out = asyncio.run(ledger_under_load(edge.url, payload, rate, seconds, at, term))
+        exit_code = edge.proc.wait(120)
+        exited = time.monotonic()
+    finally:
+        edge.stop()
+    codes = Counter(code for *_, code, _ in out)
+    refused = [k for k, *_, code, _ in out if code == "UNAVAILABLE"]
+    first_refused = min(refused) if refused else len(out)
+    return DrainResult(
+        model=model,
+        rate_rps=rate,
+        batch=batch,
+        sent=len(out),
+        answered_ok=codes.get("OK", 0),
+        refused_unavailable=codes.get("UNAVAILABLE", 0),
+        lost={c: n for c, n in codes.items() if c not in ("OK", "UNAVAILABLE")},
+        backlog_served=sum(1 for _, sent, fin, code, _ in out if code == "OK" and sent < signalled[0] < fin),
+        ok_after_first_refusal=sum(1 for k, *_, code, _ in out if code == "OK" and k > first_refused),
+        exit_code=exit_code,
+        drain_s=round(exited - signalled[0], 2),
+        refusal_reasons=dict(Counter(d.split(";")[0][:40] for *_, code, d in out if code == "UNAVAILABLE")),
+    )
+
+
 # -- Markdown ------------------------------------------------------------------------------------
 def _f(v: object, unit: str = "") -> str:
     if v is None:
@@ -594,6 +695,25 @@ def soak_markdown(r: SoakResult) -> str:
         f"| server RSS per window (MiB) | {', '.join(_f(v) for v in r.rss_mb) or '–'} |",
         f"| RSS growth, last vs first window | {_f(r.rss_growth_pct, '%')} |",
         f"| load generator max send lag | {_f(r.max_send_lag_ms)} ms |",
+        "",
+        *_verdicts(r.checks()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def drain_markdown(r: DrainResult) -> str:
+    lost = ", ".join(f"{k} {v}" for k, v in sorted(r.lost.items())) or "none"
+    lines = [
+        f"### SIGTERM under load: `{r.model}`, {r.rate_rps:g} requests/s of {r.batch} images",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+        f"| sent / OK / refused UNAVAILABLE | {r.sent} / {r.answered_ok} / {r.refused_unavailable} |",
+        f"| lost (any other outcome) | {lost} |",
+        f"| sent before the signal, answered after it | {r.backlog_served} |",
+        f"| OK after the first refusal | {r.ok_after_first_refusal} |",
+        f"| exit code, signal to exit | {r.exit_code}, {r.drain_s:g} s |",
         "",
         *_verdicts(r.checks()),
         "",

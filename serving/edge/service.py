@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from serving import __version__ as rtq_version
 from serving.edge.auth import TokenCheck
-from serving.edge.batching import Expired, ModelStopped, Pending, QueueFull
+from serving.edge.batching import CannotMeetDeadline, Expired, ModelStopped, Pending, QueueFull
 from serving.edge.metrics import UNKNOWN, EdgeMetrics
 from serving.edge.models import ServedModel
 from serving.edge.tensors import (
@@ -345,6 +345,11 @@ class InferenceService:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down") from None
         try:
             return await future
+        except CannotMeetDeadline:
+            raise RequestError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "cannot meet the deadline: the work queued ahead takes longer; refused on arrival",
+            ) from None
         except Expired:
             waited = 1000 * (time.monotonic() - start)
             raise RequestError(
