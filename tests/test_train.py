@@ -144,9 +144,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_weights(
 
     ckpt = tmp_path / "last.pt"
     # Stop mid-epoch (after step 1 of 2), then on its last step (the epoch still completes and is
-    # evaluated first), then run to the end. No loader worker here: the data an epoch sees must
-    # not depend on the worker count either.
-    for when, expected in (((0, 1), (0, 1)), ((0, 2), (1, 0))):
+    # evaluated first), then mid-epoch in stage 2 (mixup draws), then run to the end. No loader
+    # worker here: the data an epoch sees must not depend on the worker count either.
+    for when, expected in (((0, 1), (0, 1)), ((0, 2), (1, 0)), ((1, 1), (1, 1))):
         with pytest.raises(
             TrainingInterrupted, match=r"checkpoint saved to .*last.pt; resume with: rtq train"
         ):
@@ -171,6 +171,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_weights(
     assert [h["val_top1_ema"] for h in done["history"]] == [h["val_top1_ema"] for h in ref["history"]]
     assert [h["train_loss"] for h in done["history"]] == [h["train_loss"] for h in ref["history"]]
     assert torch.equal(done["rng"]["torch"], ref["rng"]["torch"])
+    # The manifest keeps the command that started the run, with each resume beside it.
+    assert done["command"] == "pytest tiny run" and len(done["resumed_with"]) == 3
+    manifest = json.loads((tmp_path / "efficientnetv2_b0_imagenette.json").read_text())
+    assert manifest["command"] == "pytest tiny run" and len(manifest["resumed_with"]) == 3
 
 
 def _parse(*argv: str) -> argparse.Namespace:

@@ -90,6 +90,10 @@ def build_model(cfg: TrainConfig, num_classes: int, stage: Stage) -> nn.Module:
         drop_rate=stage.dropout,
         drop_path_rate=cfg.drop_path,
     )
+    # timm's head init gives logits of std ~5 over 10 classes (initial loss ~6, not ln 10 = 2.3);
+    # a zero head starts from uniform predictions and the first steps go to features instead.
+    nn.init.zeros_(model.get_classifier().weight)
+    nn.init.zeros_(model.get_classifier().bias)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -276,6 +280,8 @@ def train(
     history: list[dict] = []
     sums = _Sums()
     elapsed_before = 0.0
+    # The command that started the run is what reproduces it; resumes are listed beside it.
+    commands = {"command": opts.command, "resumed_with": []}
     if resume is not None:
         from serving.models.weights import load_into
 
@@ -289,6 +295,10 @@ def train(
         history = list(resume["history"])
         sums = _Sums(**resume["partial"])
         elapsed_before = float(resume["elapsed_s"])
+        commands = {
+            "command": resume["command"],
+            "resumed_with": [*resume.get("resumed_with", []), opts.command],
+        }
         torch.set_rng_state(resume["rng"]["torch"])
         rng.bit_generator.state = resume["rng"]["numpy"]
         random.setstate(resume["rng"]["python"])
@@ -329,7 +339,7 @@ def train(
                 "history": history,
                 "partial": sums.as_dict(),
                 "elapsed_s": elapsed(),
-                "command": opts.command,
+                **commands,
             },
             ckpt_path,
         )
@@ -400,7 +410,7 @@ def train(
             cpu = {k: v - cpu_start[k] for k, v in _cpu_seconds().items()}
             if ctrl_c.requested and step < steps:
                 checkpoint(epoch, step)
-                _write_log(opts.out, cfg, history, None, opts)
+                _write_log(opts.out, cfg, history, None, commands)
                 raise TrainingInterrupted(
                     f"interrupted at epoch {epoch + 1}/{cfg.epochs}, step {step}/{steps}; checkpoint saved "
                     f"to {ckpt_path}; resume with: {opts.resume_command}"
@@ -437,7 +447,7 @@ def train(
             history.append(record)
             epoch, step, sums = epoch + 1, 0, _Sums()
             checkpoint(epoch, 0)
-            _write_log(opts.out, cfg, history, None, opts)
+            _write_log(opts.out, cfg, history, None, commands)
             log(
                 f"epoch {record['epoch']}/{cfg.epochs} stage {record['stage']} {stage.image_size}px: "
                 f"loss {record['train_loss']:.3f} train acc {record['train_top1']:.3f} "
@@ -461,9 +471,9 @@ def train(
         "peak_memory": peak_memory_mib(),
         "exported": str(export),
     }
-    manifest = export_weights(ema.module, export, cfg, folders, pp, summary, opts)
+    manifest = export_weights(ema.module, export, cfg, folders, pp, summary, opts, commands)
     summary["sha256"] = manifest["sha256"]
-    _write_log(opts.out, cfg, history, summary, opts)
+    _write_log(opts.out, cfg, history, summary, commands)
     log(
         f"done: val top-1 EMA {final_ema['top1']:.4f} (raw {final_raw['top1']:.4f}) on {final_ema['images']} "
         f"images; wall {summary['wall_s'] / 60:.1f} min; peak RSS {summary['peak_memory']['main_mib']:.0f} "
@@ -481,6 +491,7 @@ def export_weights(
     pp: Preprocessing,
     summary: dict,
     opts: RunOptions,
+    commands: dict,
 ) -> dict:
     """fp16 .safetensors (what the zoo loads) + a JSON manifest beside it with sha256 and command."""
     import timm
@@ -505,7 +516,7 @@ def export_weights(
         "weights": "EMA",
         "classes": list(folders.classes),
         "preprocessing": pp.to_dict(),
-        "command": opts.command,
+        **commands,
         "data": str(folders.root),
         "config": cfg.to_dict(),
         "results": summary,
@@ -522,12 +533,12 @@ def export_weights(
 
 
 def _write_log(
-    out: Path, cfg: TrainConfig, history: list[dict], summary: dict | None, opts: RunOptions
+    out: Path, cfg: TrainConfig, history: list[dict], summary: dict | None, commands: dict
 ) -> None:
     payload = {
         "config": cfg.to_dict(),
         "schedule": [s.__dict__ for s in cfg.schedule()],
-        "command": opts.command,
+        **commands,
         "history": history,
         "summary": summary,
     }
