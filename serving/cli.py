@@ -185,6 +185,12 @@ def cmd_bench_realtime(args: argparse.Namespace) -> int:
     return realtime_main(args, _command_line())
 
 
+def cmd_bench_reliability(args: argparse.Namespace) -> int:
+    from serving.bench.reliability import main as reliability_main
+
+    return reliability_main(args, _command_line())
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -236,8 +242,12 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("variants", help="list the repository's variants with their measured facts")
     sp.add_argument("--json", action="store_true", help="print the manifests as JSON")
-    sp.add_argument("--report", default=None, metavar="DIR",
-                    help="also write the table as JSON + Markdown into DIR (e.g. benchmarks/results)")
+    sp.add_argument(
+        "--report",
+        default=None,
+        metavar="DIR",
+        help="also write the table as JSON + Markdown into DIR (e.g. benchmarks/results)",
+    )
     common(sp, data=False)
     sp.set_defaults(func=cmd_variants)
 
@@ -312,6 +322,16 @@ def parser() -> argparse.ArgumentParser:
     realtime_args(sp)
     common(sp)
     sp.set_defaults(func=cmd_bench_realtime)
+
+    from serving.bench.reliability import add_arguments as reliability_args
+
+    sp = bsub.add_parser(
+        "reliability",
+        help="fuzzing, 2x overload, SIGTERM under load, soak against real servers; exit 1 if a check fails",
+    )
+    reliability_args(sp)
+    common(sp, data=False)
+    sp.set_defaults(func=cmd_bench_reliability)
     return p
 
 

@@ -417,3 +417,39 @@ def test_a_killed_triton_is_reported_by_the_load_suite_and_restarted(small_repos
         for p in (triton,):
             if p.poll() is None:
                 p.kill()
+
+
+# -- the benchmark command -----------------------------------------------------------------------
+def test_rtq_bench_reliability_writes_its_figures(small_repository: Path, tmp_path: Path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "serving.cli",
+        "bench",
+        "reliability",
+        "-q",
+        "--repository",
+        str(small_repository),
+    ]
+    r = subprocess.run(
+        [*cmd, "--model", ORT, "--steps", "fuzz", "sigterm", "--fuzz-cases", "120", "--triton-cases", "0",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    (md,) = tmp_path.glob("reliability-*.md")
+    payload = json.loads(md.with_suffix(".json").read_text())
+    assert set(payload["checks"]) == {"fuzz", "sigterm"} and payload["model"] == ORT
+    assert all(ok for checks in payload["checks"].values() for ok in checks.values())
+    assert payload["results"]["fuzz"]["edge"]["sent"] == 120
+    text = md.read_text()
+    assert "| sigterm | 0 accepted requests lost | PASS |" in text and "## Fuzzing" in text
+    for args, words in (
+        (["--soak-s", "10", "--soak-window-s", "30"], "--soak-window-s must not exceed --soak-s"),
+        (["--model", "no-such-variant"], "unknown variant 'no-such-variant'"),
+        (["--fuzz-cases", "0"], "--fuzz-cases must be positive"),
+    ):
+        bad = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+        assert bad.returncode == 2 and bad.stderr.startswith("rtq: error: ") and words in bad.stderr, (
+            bad.stderr
+        )
