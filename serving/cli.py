@@ -299,7 +299,11 @@ def parser() -> argparse.ArgumentParser:
 
     from serving.bench.serving_bench import add_arguments as bench_serving_args
     from serving.edge.cli import add_arguments as serve_args
+    from serving.train.cli import add_arguments as train_args
     from serving.triton.cli import add_arguments as triton_args
+
+    # train's own parser carries --data-root and --quiet (no common()).
+    train_args(sub.add_parser("train", help="train EfficientNetV2-B0 on imagenette (progressive learning)"))
 
     sp = sub.add_parser("serve", help="edge gRPC server (KServe v2, Triton protocol) + Prometheus metrics")
     serve_args(sp)
