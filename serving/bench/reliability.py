@@ -155,7 +155,7 @@ def _sigterm(args: argparse.Namespace, repository: Path, say) -> dict:
     from serving.bench.stress import drain_markdown, run_sigterm_under_load
 
     say("sigterm: SIGTERM to rtq serve with a backlog queued")
-    r = run_sigterm_under_load(repository, args.model, rate=40, seconds=6, at=2.0, batch=8)
+    r = run_sigterm_under_load(repository, args.model, seconds=6, at=2.0, batch=8)
     return {"markdown": "## Faults: SIGTERM under load\n\n" + drain_markdown(r), "checks": r.checks(),
             "json": asdict(r)}  # fmt: skip
 

@@ -563,18 +563,21 @@ class DrainResult:
     sent: int
     answered_ok: int
     refused_unavailable: int
-    lost: dict[str, int]  # any other outcome of a request: what "nothing lost" must keep empty
+    # Not OK although sent before the first refusal (the server had accepted it): must stay empty.
+    lost: dict[str, int]
     backlog_served: int  # sent before the signal, answered OK after it: the drain really drained
     ok_after_first_refusal: int  # a refusal must not overtake an accepted request
     exit_code: int | None
     drain_s: float  # signal -> process exit
     refusal_reasons: dict[str, int] = field(default_factory=dict)  # UNAVAILABLE details, first 40 chars
+    # Sent after the first refusal but answered with another code than UNAVAILABLE (e.g. CANCELLED by
+    # gRPC's transport as the port closes): not lost work, but not the clean refusal either.
+    refused_other: dict[str, int] = field(default_factory=dict)
 
     def checks(self) -> dict[str, bool]:
         return {
-            "0 accepted requests lost": not self.lost
-            and self.sent == self.answered_ok + self.refused_unavailable,
-            "new requests refused with UNAVAILABLE": self.refused_unavailable > 0,
+            "0 accepted requests lost": not self.lost,
+            "new requests refused with UNAVAILABLE": self.refused_unavailable > 0 and not self.refused_other,
             "a real backlog was drained": self.backlog_served > 0,
             "no acceptance after the first refusal": self.ok_after_first_refusal == 0,
             "exit code 0": self.exit_code == 0,
@@ -582,14 +585,28 @@ class DrainResult:
 
 
 def run_sigterm_under_load(
-    repository, model: str, rate: float = 40.0, seconds: float = 4.0, at: float = 1.5, batch: int = 8
+    repository,
+    model: str,
+    rate: float | None = None,
+    seconds: float = 4.0,
+    at: float = 1.5,
+    batch: int = 8,
+    overload: float = 1.5,
 ) -> DrainResult:
     """`rtq serve` in its own process gets SIGTERM `at` s into an open loop of `batch`-image requests
-    at `rate`/s (above what a 2-core machine computes, so a backlog is queued when the signal comes)."""
+    at `rate`/s; by default `overload` x the capacity measured first, so a backlog is queued when the
+    signal comes on any machine."""
     import signal
 
     edge = start_edge_process(repository, [model], max_queue=256)
     payload = infer_request(model, shape=(batch, 3, 224, 224))
+    if rate is None:
+        try:
+            cap = probe_capacity(edge.url, model, seconds=3, concurrency=4, warmup_s=1, payload=payload)
+        except BaseException:
+            edge.stop()
+            raise
+        rate = max(5.0, round(overload * cap.throughput_rps, 1))
     signalled: list[float] = []
 
     def term() -> None:
@@ -612,12 +629,15 @@ def run_sigterm_under_load(
         sent=len(out),
         answered_ok=codes.get("OK", 0),
         refused_unavailable=codes.get("UNAVAILABLE", 0),
-        lost={c: n for c, n in codes.items() if c not in ("OK", "UNAVAILABLE")},
+        lost=dict(Counter(code for k, *_, code, _ in out if k < first_refused and code != "OK")),
         backlog_served=sum(1 for _, sent, fin, code, _ in out if code == "OK" and sent < signalled[0] < fin),
         ok_after_first_refusal=sum(1 for k, *_, code, _ in out if code == "OK" and k > first_refused),
         exit_code=exit_code,
         drain_s=round(exited - signalled[0], 2),
         refusal_reasons=dict(Counter(d.split(";")[0][:40] for *_, code, d in out if code == "UNAVAILABLE")),
+        refused_other=dict(
+            Counter(code for k, *_, code, _ in out if k > first_refused and code not in ("OK", "UNAVAILABLE"))
+        ),
     )
 
 
@@ -710,7 +730,9 @@ def drain_markdown(r: DrainResult) -> str:
         "| figure | value |",
         "| --- | --- |",
         f"| sent / OK / refused UNAVAILABLE | {r.sent} / {r.answered_ok} / {r.refused_unavailable} |",
-        f"| lost (any other outcome) | {lost} |",
+        f"| accepted (sent before the first refusal) but not answered OK | {lost} |",
+        f"| later requests refused with another code | "
+        f"{', '.join(f'{k} {v}' for k, v in sorted(r.refused_other.items())) or 'none'} |",
         f"| sent before the signal, answered after it | {r.backlog_served} |",
         f"| OK after the first refusal | {r.ok_after_first_refusal} |",
         f"| exit code, signal to exit | {r.exit_code}, {r.drain_s:g} s |",
