@@ -191,7 +191,7 @@ CASES: list[tuple[str, Callable[[], pb.ModelInferRequest], grpc.StatusCode, str,
         "PIL SyntaxError",
         lambda: images(BROKEN_PNG),
         CODE.INVALID_ARGUMENT,
-        "image 0: cannot decode image: SyntaxError: broken PNG file",
+        f"image 0: cannot decode image of {len(BROKEN_PNG)} bytes: SyntaxError: broken PNG file",
         LABELS,
     ),
     (

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from serving.errors import RtqError
 
@@ -71,7 +71,7 @@ class Preprocessing:
 
 def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
     """Decode a file or encoded bytes into an RGB image, or raise RtqError naming the source."""
-    label = name or (str(source) if not isinstance(source, bytes) else "image bytes")
+    label = name or (str(source) if not isinstance(source, bytes) else f"of {len(source)} bytes")
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
     except OSError as exc:
@@ -87,8 +87,10 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
             img.load()
     except RtqError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise RtqError(f"cannot decode image {label}: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL's parsers raise SyntaxError, struct.error, ... on junk
+        raise RtqError(f"cannot decode image {label}: {type(exc).__name__}: {exc}") from None
     if img.mode not in _CONVERTIBLE_MODES:
         raise RtqError(
             f"image {label} has pixel mode {img.mode!r}; expected an 8-bit RGB, grayscale, palette "
