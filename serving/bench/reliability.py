@@ -114,26 +114,39 @@ def _fuzz(args: argparse.Namespace, repository: Path, say) -> dict:
     }
 
 
-def _overload(args: argparse.Namespace, repository: Path, say) -> dict:
+def _capacity(args: argparse.Namespace, url: str, say) -> tuple[float, str, dict]:
+    """The rate overload and soak scale from: the highest open-loop rate meeting the SLO, searched
+    below the closed-loop saturation throughput (which batches full and ignores deadlines)."""
     from serving.bench.stress import (
         capacity_markdown,
-        overload_markdown,
         probe_capacity,
-        run_overload,
-        start_edge_process,
+        probe_sustainable_rate,
+        sustainable_markdown,
     )
+
+    # Closed loop within max_queue + a batch, or the probe itself is refused.
+    cap = probe_capacity(url, args.model, seconds=15, concurrency=min(16, args.max_queue))
+    if cap.throughput_rps <= 0:
+        raise RtqError(f"capacity probe answered nothing: {cap.errors}")
+    say(f"capacity: closed loop {cap.throughput_rps} req/s; searching the sustainable open-loop rate")
+    sus = probe_sustainable_rate(url, args.model, cap.throughput_rps, slo_ms=args.slo_ms)
+    if sus.rate_rps <= 0:
+        raise RtqError(f"no open-loop rate met p99 <= {args.slo_ms:g} ms: {sus.trials}")
+    md = capacity_markdown(cap) + "\n" + sustainable_markdown(sus)
+    return sus.rate_rps, md, {"closed_loop": asdict(cap), "sustainable": asdict(sus)}
+
+
+def _overload(args: argparse.Namespace, repository: Path, say) -> dict:
+    from serving.bench.stress import overload_markdown, run_overload, start_edge_process
 
     edge = start_edge_process(repository, [args.model], max_queue=args.max_queue)
     try:
-        # Closed loop within max_queue + a batch, or the probe itself is refused.
-        cap = probe_capacity(edge.url, args.model, seconds=15, concurrency=min(16, args.max_queue))
-        if cap.throughput_rps <= 0:
-            raise RtqError(f"capacity probe answered nothing: {cap.errors}")
-        say(f"overload: capacity {cap.throughput_rps} req/s; 2x for {args.overload_s:g} s")
+        capacity, cap_md, cap_json = _capacity(args, edge.url, say)
+        say(f"overload: 2x {capacity} req/s for {args.overload_s:g} s")
         r = run_overload(
             edge.url,
             args.model,
-            cap.throughput_rps,
+            capacity,
             metrics_url=edge.metrics_url,
             queue_limit=args.max_queue,
             slo_ms=args.slo_ms,
@@ -141,14 +154,9 @@ def _overload(args: argparse.Namespace, repository: Path, say) -> dict:
         )
     finally:
         edge.stop()
-    md = (
-        "## Overload (open loop, 2x measured capacity)\n\n"
-        + capacity_markdown(cap)
-        + "\n"
-        + overload_markdown(r)
-    )
-    return {"markdown": md, "checks": r.checks(), "json": {"capacity": asdict(cap), "overload": asdict(r)},
-            "capacity_rps": cap.throughput_rps}  # fmt: skip
+    md = "## Overload (open loop, 2x the sustainable rate)\n\n" + cap_md + "\n" + overload_markdown(r)
+    return {"markdown": md, "checks": r.checks(), "json": {"capacity": cap_json, "overload": asdict(r)},
+            "capacity_rps": capacity}  # fmt: skip
 
 
 def _sigterm(args: argparse.Namespace, repository: Path, say) -> dict:
@@ -161,13 +169,12 @@ def _sigterm(args: argparse.Namespace, repository: Path, say) -> dict:
 
 
 def _soak(args: argparse.Namespace, repository: Path, say, capacity: float | None) -> dict:
-    from serving.bench.stress import probe_capacity, run_soak, soak_markdown, start_edge_process
+    from serving.bench.stress import run_soak, soak_markdown, start_edge_process
 
     edge = start_edge_process(repository, [args.model], max_queue=args.max_queue)
     try:
         if capacity is None:
-            capacity = probe_capacity(edge.url, args.model, seconds=15, concurrency=min(16, args.max_queue))
-            capacity = capacity.throughput_rps
+            capacity, _, _ = _capacity(args, edge.url, say)
         say(f"soak: {0.8 * capacity:.1f} req/s (80% of {capacity} req/s) for {args.soak_s:g} s")
         r = run_soak(edge.url, args.model, capacity, server_pid=edge.pid, duration_s=args.soak_s,
                      window_s=args.soak_window_s, slo_ms=args.slo_ms)  # fmt: skip

@@ -190,6 +190,56 @@ def probe_capacity(
     return Capacity(model, concurrency, seconds, round(len(ok) / seconds, 1), dict(errors))
 
 
+@dataclass
+class SustainableRate:
+    """The highest open-loop rate whose p99 stays within the SLO with under `max_error_pct` errors:
+    the capacity a real-time client can use (closed-loop saturation overstates it: its requests wait
+    for each other, so batches fill and nobody's deadline counts)."""
+
+    model: str
+    slo_ms: float
+    rate_rps: float  # 0 when even the lowest rate tried failed
+    trials: list[dict] = field(default_factory=list)  # rate, p99_ms, error_pct, passed
+
+
+def probe_sustainable_rate(
+    url: str,
+    model: str,
+    upper_rps: float,
+    slo_ms: float = 100.0,
+    seconds: float = 6.0,
+    steps: int = 6,
+    max_error_pct: float = 1.0,
+    payload: bytes | None = None,
+) -> SustainableRate:
+    """Bisection over open-loop rates in (0, upper_rps] (e.g. the closed-loop capacity)."""
+    payload = payload or infer_request(model)
+    result = SustainableRate(model, slo_ms, 0.0)
+
+    def passes(rate: float) -> bool:
+        start, shots = open_loop(url, payload, [(rate, seconds)], slo_ms / 1000)
+        measured = [s for s in shots if s.due >= start + 1.0]  # the first second warms up
+        errors = 100 * sum(s.code != "OK" for s in measured) / max(1, len(measured))
+        p99 = _pct(_ok_latencies(measured), 99)
+        ok = p99 is not None and p99 <= slo_ms and errors < max_error_pct
+        result.trials.append({"rate_rps": round(rate, 1), "p99_ms": p99, "error_pct": round(errors, 2),
+                              "passed": ok})  # fmt: skip
+        return ok
+
+    lo, hi = 0.0, upper_rps
+    if passes(hi):
+        result.rate_rps = round(hi, 1)
+        return result
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if passes(mid):
+            lo = mid
+        else:
+            hi = mid
+    result.rate_rps = round(lo, 1)
+    return result
+
+
 # -- sampling the server while it runs ------------------------------------------------------------
 class _Sampler:
     """Polls a callable every `interval_s` on a thread: (monotonic time, value) pairs."""
@@ -659,6 +709,18 @@ def capacity_markdown(c: Capacity) -> str:
     return (
         f"Capacity of `{c.model}`: **{_f(c.throughput_rps)} req/s** "
         f"(closed loop, {c.concurrency} in flight, {c.seconds:g} s; errors: {errs})\n"
+    )
+
+
+def sustainable_markdown(r: SustainableRate) -> str:
+    tried = ", ".join(
+        f"{t['rate_rps']:g}/s {'ok' if t['passed'] else 'no'} "
+        f"(p99 {_f(t['p99_ms'])} ms, {t['error_pct']:g}% err)"
+        for t in r.trials
+    )
+    return (
+        f"Sustainable open-loop rate of `{r.model}`: **{_f(r.rate_rps)} req/s** at p99 <= {r.slo_ms:g} ms "
+        f"and < 1% errors (bisection: {tried})\n"
     )
 
 
