@@ -700,12 +700,16 @@ def _f(v: object, unit: str = "") -> str:
     return f"{v}{unit}"
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+
 def _verdicts(checks: dict[str, bool]) -> list[str]:
     return [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items()]
 
 
 def capacity_markdown(c: Capacity) -> str:
-    errs = ", ".join(f"{k} {v}" for k, v in c.errors.items()) or "none"
+    errs = _counts(c.errors)
     return (
         f"Capacity of `{c.model}`: **{_f(c.throughput_rps)} req/s** "
         f"(closed loop, {c.concurrency} in flight, {c.seconds:g} s; errors: {errs})\n"
@@ -725,9 +729,9 @@ def sustainable_markdown(r: SustainableRate) -> str:
 
 
 def overload_markdown(r: OverloadResult) -> str:
-    refused = ", ".join(f"{k} {v}" for k, v in sorted(r.refused_by_code.items())) or "none"
+    refused = _counts(r.refused_by_code)
     by_code = ", ".join(f"{k} {_f(v, ' ms')}" for k, v in sorted(r.refusal_p99_ms_by_code.items())) or "–"
-    other = ", ".join(f"{k} {v}" for k, v in sorted(r.other_errors.items())) or "none"
+    other = _counts(r.other_errors)
     queue = f"{_f(r.max_queue_depth)} (limit {_f(r.queue_limit)}, {r.queue_samples} samples)"
     lines = [
         f"### Overload: `{r.model}` at {r.overload_rps:g} req/s for {r.overload_s:g} s "
@@ -762,7 +766,7 @@ def overload_markdown(r: OverloadResult) -> str:
 
 
 def soak_markdown(r: SoakResult) -> str:
-    errs = ", ".join(f"{k} {v}" for k, v in sorted(r.errors_by_code.items())) or "none"
+    errs = _counts(r.errors_by_code)
     lines = [
         f"### Soak: `{r.model}` at {r.rate_rps:g} req/s ({r.rate_rps / r.capacity_rps:.0%} of "
         f"{r.capacity_rps:g} req/s) for {r.duration_s:g} s",
@@ -785,7 +789,7 @@ def soak_markdown(r: SoakResult) -> str:
 
 
 def drain_markdown(r: DrainResult) -> str:
-    lost = ", ".join(f"{k} {v}" for k, v in sorted(r.lost.items())) or "none"
+    lost = _counts(r.lost)
     lines = [
         f"### SIGTERM under load: `{r.model}`, {r.rate_rps:g} requests/s of {r.batch} images",
         "",
@@ -793,8 +797,7 @@ def drain_markdown(r: DrainResult) -> str:
         "| --- | --- |",
         f"| sent / OK / refused UNAVAILABLE | {r.sent} / {r.answered_ok} / {r.refused_unavailable} |",
         f"| accepted (sent before the first refusal) but not answered OK | {lost} |",
-        f"| later requests refused with another code | "
-        f"{', '.join(f'{k} {v}' for k, v in sorted(r.refused_other.items())) or 'none'} |",
+        f"| later requests refused with another code | {_counts(r.refused_other)} |",
         f"| sent before the signal, answered after it | {r.backlog_served} |",
         f"| OK after the first refusal | {r.ok_after_first_refusal} |",
         f"| exit code, signal to exit | {r.exit_code}, {r.drain_s:g} s |",
