@@ -212,25 +212,3 @@ def test_a_draining_batcher_refuses_new_requests_and_finishes_the_queue(runner):
         gated.gate.set()
         batcher.stop()
     assert sorted(rec.answers) == [0, 1] and all(exc is None for _, exc in rec.answers.values())
-
-
-def test_a_burst_that_fits_in_one_batch_is_not_refused_on_arrival(runner):
-    """Frames of several cameras arriving together: the estimate learned at batch 1 must not count
-    them image by image (that refused frames one batch would serve in time)."""
-    rec = Recorder()
-    batcher = ModelBatcher([runner], BatchPolicy(max_batch_size=8), rec.observer())
-    try:
-        for i in range(5):  # single images, one at a time: batch-1 compute times only
-            batcher.submit(Pending(images(1, i), None, rec.done(i)))
-            rec.wait(i + 1)
-        batch_s = batcher._batch_s
-        assert batch_s is not None
-        burst = [images(1, 10 + i) for i in range(6)]
-        deadline = time.monotonic() + 3 * batch_s + 0.05
-        for i, x in enumerate(burst):  # counted per image, the last ones would look 6 batches late
-            batcher.submit(Pending(x, deadline, rec.done(10 + i)))
-        rec.wait(11)
-    finally:
-        batcher.stop()
-    refused = [k for k, (_, exc) in rec.answers.items() if isinstance(exc, CannotMeetDeadline)]
-    assert not refused, refused
