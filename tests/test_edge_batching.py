@@ -165,11 +165,10 @@ def test_a_deadline_shorter_than_the_queued_work_is_refused_on_arrival(runner):
         assert rec.taken.wait(10)  # held in compute
         for i in (2, 3, 4):
             batcher.submit(Pending(images(8, i), None, rec.done(i)))
-        # Three full batches queued behind the one computing: a deadline of one batch's compute
-        # cannot be met, and is told so at once.
-        batch_s = batcher._batch_s
-        assert batch_s is not None
-        batcher.submit(Pending(images(1, 5), time.monotonic() + batch_s, rec.done(5)))
+        # 32 images ahead: a deadline of 8 images' compute cannot be met, and is told so at once.
+        per_image = batcher._per_image_s
+        assert per_image is not None
+        batcher.submit(Pending(images(1, 5), time.monotonic() + 8 * per_image, rec.done(5)))
         assert isinstance(rec.answers[5][1], CannotMeetDeadline) and isinstance(rec.answers[5][1], Expired)
         batcher.submit(Pending(images(1, 6), time.monotonic() + 60, rec.done(6)))  # this one can wait
         assert 6 not in rec.answers
@@ -180,7 +179,7 @@ def test_a_deadline_shorter_than_the_queued_work_is_refused_on_arrival(runner):
         deadline = time.monotonic() + 10
         while not batcher.idle() and time.monotonic() < deadline:
             time.sleep(0.005)
-        batcher._batch_s = 60.0
+        batcher._per_image_s = 60.0
         batcher.submit(Pending(images(1, 7), time.monotonic() + 5, rec.done(7)))
         rec.wait(8)
     finally:

@@ -11,8 +11,7 @@ waiting could never fill a batch and would only add the whole delay to every req
 
 Admission: a full queue refuses at once (QueueFull), and so does a request whose deadline is
 shorter than the work already queued ahead of it (CannotMeetDeadline, from the recent compute time
-per batch and the batches ahead): under overload the excess is refused fast instead of timing out
-in the queue.
+per image): under overload the excess is refused fast instead of timing out in the queue.
 """
 
 from __future__ import annotations
@@ -95,10 +94,8 @@ class ModelBatcher:
         self._last_arrival: float | None = None
         self._interarrival = float("inf")
         self._per_image_s: float | None = None  # recent compute time per image; None until a batch ran
-        self._batch_s: float | None = None  # recent compute time per batch, whatever its size
         self._queued_images = 0
         self._computing_images = 0  # in batches being computed now
-        self._compute_starts: list[float] = []  # when each batch now computing started
         self._threads = [
             threading.Thread(target=self._loop, args=(r,), name=f"instance-{i}", daemon=True)
             for i, r in enumerate(runners)
@@ -114,25 +111,11 @@ class ModelBatcher:
                 raise QueueFull()
             now = item.enqueued
             ahead = self._computing_images + self._queued_images
-            if item.deadline is not None and self._batch_s is not None and ahead:
+            if item.deadline is not None and self._per_image_s is not None and ahead:
                 # Under overload a request that cannot be served in time is told so at once,
                 # instead of waiting out its whole deadline in the queue and being dropped then.
                 # With nothing ahead it always runs: that also keeps the estimate current.
-                # Short queue (a burst that fits in one batch): refuse only what surely misses, by
-                # a lower bound — what is left of the batch computing now plus its own partial batch;
-                # a per-image count learned at batch 1 made such bursts look several times slower
-                # than their one batch and refused feasible frames. A queue of full batches
-                # (overload): the per-image estimate, which then is the batched cost, keeps goodput.
-                full_ahead, partial = divmod(self._queued_images, self.policy.max_batch_size)
-                if full_ahead:
-                    wait = (ahead + item.size) * (self._per_image_s or 0.0) / self.policy.instances
-                else:
-                    if self._compute_starts:
-                        left = max(0.0, self._batch_s - (now - min(self._compute_starts)))
-                    else:
-                        left = self._batch_s if self._computing_images else 0.0
-                    own = min(self._batch_s, (partial + item.size) * (self._per_image_s or 0.0))
-                    wait = left + own / self.policy.instances
+                wait = (ahead + item.size) * self._per_image_s / self.policy.instances
                 if now + wait > item.deadline:
                     item.done(None, CannotMeetDeadline())
                     return
@@ -224,8 +207,6 @@ class ModelBatcher:
             if not batch:
                 continue
             start = time.monotonic()
-            with self._cond:
-                self._compute_starts.append(start)
             images = sum(p.size for p in batch)
             for p in batch:
                 self.observer.queued(start - p.enqueued)
@@ -240,24 +221,17 @@ class ModelBatcher:
             except Exception as exc:  # a runtime failure fails this batch, not the instance
                 with self._cond:
                     self._computing_images -= images
-                    self._compute_starts.remove(start)
                 self._settle([(p, None, exc) for p in batch])
                 continue
             seconds = time.monotonic() - start
             self.observer.computed(images, seconds)
             with self._cond:
                 self._computing_images -= images
-                self._compute_starts.remove(start)
                 per_image = seconds / max(1, images)
                 self._per_image_s = (
                     per_image
                     if self._per_image_s is None
                     else (1 - _COMPUTE_EWMA) * self._per_image_s + _COMPUTE_EWMA * per_image
-                )
-                self._batch_s = (
-                    seconds
-                    if self._batch_s is None
-                    else (1 - _COMPUTE_EWMA) * self._batch_s + _COMPUTE_EWMA * seconds
                 )
             offset = 0
             answers = []
