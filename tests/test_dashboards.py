@@ -47,6 +47,39 @@ def rules() -> list[dict]:
     return [r for g in doc["groups"] for r in g["rules"]]
 
 
+def start_prometheus(tmp_path: Path, job_name: str, target: str) -> tuple[subprocess.Popen, int]:
+    """The committed config's `job_name`, pointed at `target`, scraping every second; once ready."""
+    config = yaml.safe_load((DASH / "prometheus" / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(DASH / "prometheus" / "rules.yml")]
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == job_name)
+    job["static_configs"][0]["targets"] = [target]
+    config["scrape_configs"] = [job]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    prom = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2)
+            break
+        except OSError:
+            if prom.poll() is not None:
+                raise AssertionError(prom.stderr.read().decode()[-800:]) from None
+            time.sleep(0.3)
+    return prom, port
+
+
 def test_dashboard_json_and_provisioning_are_consistent():
     dash = json.loads((DASH / "grafana" / "dashboards" / "rtq-realtime.json").read_text())
     titles = " ".join(p["title"].lower() for p in dash["panels"])
@@ -98,34 +131,7 @@ def test_prometheus_scrapes_the_edge_server_and_every_panel_and_rule_returns_dat
     prom = None
     stop = threading.Event()
     try:
-        # The committed config, pointed at this server, scraping every second.
-        config = yaml.safe_load((DASH / "prometheus" / "prometheus.yml").read_text())
-        config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
-        config["rule_files"] = [str(DASH / "prometheus" / "rules.yml")]
-        edge_job = next(j for j in config["scrape_configs"] if j["job_name"] == "rtq-edge")
-        edge_job["static_configs"][0]["targets"] = [f"127.0.0.1:{srv.metrics_port}"]
-        config["scrape_configs"] = [edge_job]
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        port = free_port()
-        prom = subprocess.Popen(
-            [
-                PROMETHEUS,
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2)
-                break
-            except OSError:
-                assert prom.poll() is None, prom.stderr.read().decode()[-800:]
-                time.sleep(0.3)
+        prom, port = start_prometheus(tmp_path, "rtq-edge", f"127.0.0.1:{srv.metrics_port}")
 
         # Short real load: labelled 30-FPS streams, plus a few requests too late to be served.
         frames = load_frames("imagenet-val", 30, "tensor", OV, small_repository, data_root)
@@ -201,25 +207,7 @@ def test_triton_panels_and_rules_return_data(small_repository: Path, data_root: 
     triton.start(timeout=300)
     prom = None
     try:
-        config = yaml.safe_load((DASH / "prometheus" / "prometheus.yml").read_text())
-        config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
-        config["rule_files"] = [str(DASH / "prometheus" / "rules.yml")]
-        job = next(j for j in config["scrape_configs"] if j["job_name"] == "triton")
-        job["static_configs"][0]["targets"] = [f"127.0.0.1:{metrics_port}"]
-        config["scrape_configs"] = [job]
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        port = free_port()
-        prom = subprocess.Popen(
-            [
-                PROMETHEUS,
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        prom, port = start_prometheus(tmp_path, "triton", f"127.0.0.1:{metrics_port}")
         frames = load_frames("imagenet-val", 20, "tensor", OV, small_repository, data_root)
         target = sc.Target(f"127.0.0.1:{grpc_port}", OV)
         settings = sc.TestSettings(
