@@ -57,8 +57,9 @@ def _check_args(args: argparse.Namespace) -> None:
 def _fuzz(args: argparse.Namespace, repository: Path, say) -> dict:
     from serving.bench.fuzz import compare, fuzz_table_markdown, run_fuzz
     from serving.bench.stress import start_edge_process
+    from serving.edge.server import DEFAULT_MAX_MESSAGE
 
-    limit = 32 * 1024 * 1024  # rtq serve's default --max-message-mb
+    limit = DEFAULT_MAX_MESSAGE  # what start_edge_process's `rtq serve` enforces
     edge = start_edge_process(repository, [args.model], max_queue=args.max_queue)
     try:
         say(f"fuzz: {args.fuzz_cases} cases against the edge server at {edge.url}")

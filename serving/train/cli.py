@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from serving.cli import _positive  # one argparse type for every rtq command
 from serving.errors import RtqError
 from serving.settings import DATA_ROOT_ENV, PROJECT_ROOT
 from serving.train.config import DEFAULT_NAME, TrainConfig
@@ -31,16 +32,6 @@ _CONFIG_FLAGS = {
     "bf16": "bf16",
     "data": "data",
 }
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
