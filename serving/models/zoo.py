@@ -142,9 +142,9 @@ ZOO: dict[str, ModelSpec] = {
         ModelSpec(
             "efficientnetv2_b0_imagenette",
             "tf_efficientnetv2_b0",
-            # What `rtq train` evaluates on: the whole 160 px image upscaled to 192 (it trains on
-            # random crops up to 160 px, which magnify objects about as much).
-            Preprocessing(192, 1.0, IMAGENET_MEAN, IMAGENET_STD, "bicubic"),
+            # What `rtq train` evaluates on: the whole 160 px image resized to 176 (it trains on
+            # random crops up to 144 px, which magnify objects about as much).
+            Preprocessing(176, 1.0, IMAGENET_MEAN, IMAGENET_STD, "bicubic"),
             classes="imagenette",
             weights=TrainedWeights("weights/efficientnetv2_b0_imagenette.safetensors", "rtq train"),
             description="EfficientNetV2-B0 trained here from scratch on imagenette (10 classes)",

@@ -96,6 +96,11 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     sp.add_argument("--threads", type=_positive, default=2, help="torch threads (default: 2)")
     sp.add_argument("--workers", type=int, default=1, help="augmentation worker processes (default: 1)")
+    sp.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (the recipe's target: 2 cores) or cuda[:N] to check the recipe on a GPU (default: cpu)",
+    )
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar (epoch lines still print)")
     sp.set_defaults(func=main)
     return sp
@@ -162,6 +167,7 @@ def main(args: argparse.Namespace) -> int:
         export=export,
         threads=args.threads,
         workers=args.workers,
+        device=args.device,
         progress=not args.quiet and sys.stderr.isatty(),
         command=command,
         resume_command=" ".join(shlex.quote(a) for a in resume_cmd),

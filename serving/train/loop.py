@@ -59,6 +59,9 @@ class RunOptions:
     export: Path | None = None  # None: <out>/<name>.safetensors
     threads: int = 2
     workers: int = 1
+    # "cpu" is the recipe's target; "cuda" runs the same recipe on a lent GPU (a recipe check: its
+    # dropout RNG is the GPU's, so a resumed cuda run is not bit-identical to an uninterrupted one).
+    device: str = "cpu"
     progress: bool = True
     command: str = ""
     resume_command: str = ""
@@ -79,7 +82,7 @@ def eval_preprocessing(cfg: TrainConfig) -> Preprocessing:
     return replace(base, resolution=cfg.eval_size)
 
 
-def build_model(cfg: TrainConfig, num_classes: int, stage: Stage) -> nn.Module:
+def build_model(cfg: TrainConfig, num_classes: int, stage: Stage, device: str = "cpu") -> nn.Module:
     import timm
 
     torch.manual_seed(cfg.seed)
@@ -94,6 +97,7 @@ def build_model(cfg: TrainConfig, num_classes: int, stage: Stage) -> nn.Module:
     # a zero head starts from uniform predictions and the first steps go to features instead.
     nn.init.zeros_(model.get_classifier().weight)
     nn.init.zeros_(model.get_classifier().bias)
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -115,25 +119,32 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _normalize(x: torch.Tensor, pp: Preprocessing, channels_last: bool) -> torch.Tensor:
-    mean = torch.tensor(pp.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(pp.std, dtype=torch.float32).view(1, 3, 1, 1)
+def _normalize(x: torch.Tensor, pp: Preprocessing, channels_last: bool, device: str = "cpu") -> torch.Tensor:
+    # uint8 crosses to the device: a quarter of the bytes of the normalized float batch.
+    x = x.to(device, non_blocking=True)
+    mean = torch.tensor(pp.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(pp.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     x = (x.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, images: np.ndarray, labels: np.ndarray, pp: Preprocessing, cfg: TrainConfig
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    pp: Preprocessing,
+    cfg: TrainConfig,
+    device: str = "cpu",
 ) -> dict:
     was_training = model.training
     model.eval()
     correct, loss_sum = 0, 0.0
     t0 = time.perf_counter()
     for i in range(0, len(labels), EVAL_BATCH):
-        x = _normalize(torch.from_numpy(np.array(images[i : i + EVAL_BATCH])), pp, cfg.channels_last)
-        y = torch.from_numpy(labels[i : i + EVAL_BATCH])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        x = _normalize(torch.from_numpy(np.array(images[i : i + EVAL_BATCH])), pp, cfg.channels_last, device)
+        y = torch.from_numpy(labels[i : i + EVAL_BATCH]).to(device)
+        with torch.autocast(_autocast_type(device), dtype=torch.bfloat16, enabled=cfg.bf16):
             logits = model(x)
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
@@ -141,6 +152,21 @@ def evaluate(
     model.train(was_training)
     n = len(labels)
     return {"top1": correct / n, "loss": loss_sum / n, "images": n, "seconds": time.perf_counter() - t0}
+
+
+def _autocast_type(device: str) -> str:
+    return torch.device(device).type
+
+
+def check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as exc:
+        raise RtqError(f"--device {device!r}: {exc}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RtqError(f"--device {device}: this torch sees no CUDA device; train with --device cpu")
+    if kind not in ("cpu", "cuda"):
+        raise RtqError(f"--device {device}: rtq train runs on cpu or cuda")
 
 
 class _CtrlC:
@@ -169,7 +195,7 @@ def read_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise RtqError(f"resume checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # load_state_dict copies to the device
     except Exception as exc:  # torch raises many unrelated types for a bad file
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise RtqError(f"cannot read resume checkpoint {path}: {first[:160]}") from None
@@ -237,6 +263,7 @@ def train(
     """Run (or continue) the training; returns the summary written to <out>/log.json."""
     from timm.utils import ModelEmaV3
 
+    check_device(opts.device)
     torch.set_num_threads(opts.threads)
     log = opts.log
     load = os.getloadavg()[0]
@@ -253,8 +280,11 @@ def train(
     val_split = balanced_subset(folders.val, cfg.max_val_images)
     pp = eval_preprocessing(cfg)
     t_cache = time.perf_counter()
-    train_images = cached_array(train_split, train_store_preprocessing(pp.mean, pp.std), opts.cache_dir)
-    val_images = cached_array(val_split, pp, opts.cache_dir)
+    decoders = max(2, opts.workers)
+    train_images = cached_array(
+        train_split, train_store_preprocessing(pp.mean, pp.std), opts.cache_dir, workers=decoders
+    )
+    val_images = cached_array(val_split, pp, opts.cache_dir, workers=decoders)
     cache_s = time.perf_counter() - t_cache
     if cache_s > 5:
         log(
@@ -267,7 +297,8 @@ def train(
 
     schedule = cfg.schedule()
     num_classes = len(folders.classes)
-    model = build_model(cfg, num_classes, schedule[0])
+    dev = opts.device
+    model = build_model(cfg, num_classes, schedule[0], dev)
     model.train()
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=0.75)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
@@ -357,6 +388,7 @@ def train(
                 num_workers=opts.workers,
                 worker_init_fn=worker_init if opts.workers else None,
                 prefetch_factor=6 if opts.workers else None,
+                pin_memory=dev.startswith("cuda"),
                 # Its own generator: creating a loader must not draw from the trainer's RNG stream.
                 generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
             )
@@ -368,7 +400,8 @@ def train(
                 lr = lr_at(cfg, global_step, total_steps, warmup)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                x = _normalize(x, pp, cfg.channels_last)
+                x = _normalize(x, pp, cfg.channels_last, dev)
+                y = y.to(dev, non_blocking=True)
                 target = F.one_hot(y, num_classes).float() * (1 - smoothing) + smoothing / num_classes
                 hard = y
                 if stage.mixup_alpha > 0:
@@ -376,7 +409,7 @@ def train(
                     x = x.mul(lam).add_(x.flip(0), alpha=1 - lam)
                     target = target.mul(lam).add_(target.flip(0), alpha=1 - lam)
                     hard = y if lam >= 0.5 else y.flip(0)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                with torch.autocast(_autocast_type(dev), dtype=torch.bfloat16, enabled=cfg.bf16):
                     logits = model(x)
                 loss = torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
                 optimizer.zero_grad(set_to_none=True)
@@ -417,9 +450,9 @@ def train(
                 )
             full_val = epoch == stage.last_epoch or epoch == cfg.epochs - 1
             val = (
-                evaluate(ema.module, val_images, val_labels, pp, cfg)
+                evaluate(ema.module, val_images, val_labels, pp, cfg, dev)
                 if full_val
-                else evaluate(ema.module, val_subset_images, val_labels[epoch_val], pp, cfg)
+                else evaluate(ema.module, val_subset_images, val_labels[epoch_val], pp, cfg, dev)
             )
             record = {
                 "epoch": epoch + 1,
@@ -460,8 +493,8 @@ def train(
                     f"resume with: {opts.resume_command}"
                 )
 
-    final_ema = evaluate(ema.module, val_images, val_labels, pp, cfg)
-    final_raw = evaluate(model, val_images, val_labels, pp, cfg)
+    final_ema = evaluate(ema.module, val_images, val_labels, pp, cfg, dev)
+    final_raw = evaluate(model, val_images, val_labels, pp, cfg, dev)
     export = opts.export or opts.out / f"{cfg.name}.safetensors"
     summary = {
         "val_top1_ema": final_ema["top1"],
@@ -498,7 +531,7 @@ def export_weights(
     from safetensors.torch import save_file
 
     sd = {
-        k: v.detach().to(torch.float16).contiguous()
+        k: v.detach().to("cpu", torch.float16).contiguous()
         for k, v in module.state_dict().items()
         if not k.endswith("num_batches_tracked")
     }
@@ -525,6 +558,8 @@ def export_weights(
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
             "threads": opts.threads,
+            "device": opts.device,
+            **({"gpu": torch.cuda.get_device_name(opts.device)} if opts.device.startswith("cuda") else {}),
         },
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }
