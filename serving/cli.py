@@ -305,6 +305,10 @@ def parser() -> argparse.ArgumentParser:
     # train's own parser carries --data-root and --quiet (no common()).
     train_args(sub.add_parser("train", help="train EfficientNetV2-B0 on imagenette (progressive learning)"))
 
+    from serving.qat.cli import add_arguments as qat_args
+
+    qat_args(sub.add_parser("qat", help="quantization-aware training with distillation; writes a build plan"))
+
     sp = sub.add_parser("serve", help="edge gRPC server (KServe v2, Triton protocol) + Prometheus metrics")
     serve_args(sp)
     common(sp, data=False)

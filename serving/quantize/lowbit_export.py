@@ -149,7 +149,13 @@ def _build_lowbit(fp32_onnx: Path, plan: PrecisionPlan, calibration: np.ndarray,
     from serving.quantize.int8_onnxruntime import quantize_int8
 
     model = onnx.load(str(fp32_onnx))
-    qlayers = quantize_layers(model, plan, calibration, log)
+    if plan.method == "qat":
+        from serving.qat.integers import load_qat_layers
+
+        qlayers = load_qat_layers(model, plan)
+        log(f"took {len(qlayers)} layers' integers from {plan.qat_file}")
+    else:
+        qlayers = quantize_layers(model, plan, calibration, log)
     with tempfile.TemporaryDirectory() as tmp:
         fq = Path(tmp) / "fq.onnx"
         onnx.save(fake_quantized(model, qlayers), str(fq))

@@ -7,12 +7,15 @@
     components: {stem: {bits: 8}, classifier: {bits: 8}}   # by component type
     layers: {blocks.6.0.conv_pwl: {bits: 8}}               # by layer name; wins over components
     calibration_images: 256        # of the build's calibration set, for statistics and rounding
+
+`rtq qat` writes plans with `method: qat` and `qat_file:` (its trained integers, .npz, relative to
+the plan); builds take those integers as they are instead of rounding.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -21,10 +24,10 @@ from serving.errors import RtqError
 from serving.quantize.graph import COMPONENTS, Layer
 from serving.quantize.lowbit import ACT_BITS, WEIGHT_BITS, WeightQuant
 
-METHODS = ("rtn", "rtn-bc", "adaround")
+METHODS = ("rtn", "rtn-bc", "adaround", "qat")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.]*$")
 _TOP = {"name", "method", "weights", "activations", "components", "layers", "calibration_images",
-        "description"}  # fmt: skip
+        "description", "qat_file", "qat_sha256"}  # fmt: skip
 # Storage containers: 3-bit weights ship in int4, 6-bit in int8 (no packing gain below a container).
 STORAGE_BITS = {2: 2, 3: 4, 4: 4, 6: 8, 8: 8}
 
@@ -39,6 +42,8 @@ class PrecisionPlan:
     layers: dict[str, int] = field(default_factory=dict)
     calibration_images: int = 256
     description: str = ""
+    qat_file: str = ""  # method qat: the trained integers (absolute once loaded from a file)
+    qat_sha256: str = ""  # of qat_file, checked at build; part of the build cache key
 
     def bits_for(self, layer: Layer) -> int:
         if layer.name in self.layers:
@@ -61,6 +66,7 @@ class PrecisionPlan:
             )
 
     def to_dict(self) -> dict:
+        qat = {"qat_file": self.qat_file, "qat_sha256": self.qat_sha256} if self.method == "qat" else {}
         return {
             "name": self.name, "method": self.method, "description": self.description,
             "weights": {"bits": self.weights.bits, "per_channel": self.weights.per_channel,
@@ -69,7 +75,7 @@ class PrecisionPlan:
             "components": {k: {"bits": v} for k, v in self.components.items()},
             "layers": {k: {"bits": v} for k, v in self.layers.items()},
             "calibration_images": self.calibration_images,
-        }  # fmt: skip
+        } | qat  # fmt: skip
 
 
 def _bits(value: object, where: str, allowed: tuple[int, ...]) -> int:
@@ -109,6 +115,12 @@ def parse_plan(data: object, source: str = "<inline>") -> PrecisionPlan:
     bad = sorted(set(comps) - set(COMPONENTS))
     if bad:
         raise RtqError(f"plan {source}: unknown components {bad}; expected some of {list(COMPONENTS)}")
+    qat_file, qat_sha = str(data.get("qat_file", "") or ""), str(data.get("qat_sha256", "") or "")
+    if (method == "qat") != bool(qat_file):
+        raise RtqError(
+            f"plan {source}: method qat and qat_file go together (qat_file names the integers that "
+            "`rtq qat` trained; other methods round the FP32 weights themselves)"
+        )
     n = data.get("calibration_images", 256)
     if not isinstance(n, int) or n < 16:
         raise RtqError(f"plan {source}: calibration_images must be an integer >= 16, got {n!r}")
@@ -124,6 +136,8 @@ def parse_plan(data: object, source: str = "<inline>") -> PrecisionPlan:
         },
         calibration_images=n,
         description=str(data.get("description", "")),
+        qat_file=qat_file,
+        qat_sha256=qat_sha,
     )
 
 
@@ -135,7 +149,10 @@ def load_plan(path: str | Path) -> PrecisionPlan:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise RtqError(f"precision plan {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_plan(data, str(path))
+    plan = parse_plan(data, str(path))
+    if plan.qat_file and not Path(plan.qat_file).is_absolute():
+        plan = replace(plan, qat_file=str((path.parent / plan.qat_file).resolve()))
+    return plan
 
 
 def save_plan(plan: PrecisionPlan, path: Path) -> Path:

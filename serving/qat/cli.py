@@ -1,0 +1,166 @@
+"""Arguments and entry point of `rtq qat` (serving/cli.py only wires the subcommand to these)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from serving.errors import RtqError
+from serving.settings import DATA_ROOT_ENV, PROJECT_ROOT
+
+DEFAULT_MODEL = "efficientnetv2_b0_imagenette"
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("none", "off", ""):
+        return ()
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated bit widths like 8,4,2 or none, got {text!r}"
+        ) from None
+
+
+def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from serving.qat.loop import PRESETS, QatConfig
+
+    d = QatConfig()
+    sp.description = (
+        "Quantization-aware training with distillation: BN folded, LSQ step sizes for weights and "
+        "activations, progressive bit reduction, oscillating weights frozen, gradients clipped. Writes "
+        "the trained integers (.npz) and a `method: qat` plan that `rtq build` / `rtq bench lowbit` take."
+    )
+    sp.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"zoo model (default: {DEFAULT_MODEL})")
+    sp.add_argument(
+        "--plan",
+        default="w4a4",
+        help=f"{' | '.join(PRESETS)} (first/last layers 8-bit) or a plan YAML (default: w4a4)",
+    )
+    sp.add_argument("--weights", default=None, help="teacher checkpoint (default: the zoo's)")
+    sp.add_argument("--epochs", type=int, default=d.epochs, help=f"0 = PTQ baseline (default: {d.epochs})")
+    sp.add_argument(
+        "--progressive",
+        type=_widths,
+        default=d.progressive,
+        help="bit widths to step down through before the plan's own, or none (default: 8,4,2)",
+    )
+    sp.add_argument("--no-kd", dest="kd", action="store_false", help="cross-entropy on labels, no teacher")
+    sp.add_argument(
+        "--temperature", type=float, default=d.temperature, help=f"KD temperature (default: {d.temperature})"
+    )
+    sp.add_argument("--lr", type=float, default=d.lr, help=f"weights (default: {d.lr})")
+    sp.add_argument(
+        "--step-lr", type=float, default=d.step_lr, help=f"step sizes and offsets (default: {d.step_lr})"
+    )
+    sp.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default: {d.batch_size}")
+    sp.add_argument(
+        "--image-size", type=int, default=None, help="training crops (default: serving resolution)"
+    )
+    sp.add_argument(
+        "--freeze-threshold",
+        type=float,
+        default=d.freeze_threshold,
+        help=f"oscillation frequency that pins a weight (default: {d.freeze_threshold})",
+    )
+    sp.add_argument(
+        "--no-freeze", dest="freeze_threshold", action="store_const", const=None, help="never pin weights"
+    )
+    sp.add_argument(
+        "--calibration-images", type=int, default=d.calibration_images, help="for activation ranges"
+    )
+    sp.add_argument("--max-images", type=int, default=None, help="class-balanced train subset")
+    sp.add_argument("--max-val-images", type=int, default=None, help="class-balanced val subset")
+    sp.add_argument("--seed", type=int, default=d.seed)
+    sp.add_argument("--data", default="imagenette", help="folder with train/ and val/ class folders")
+    sp.add_argument(
+        "--data-root", type=Path, default=None, help=f"default: ${DATA_ROOT_ENV} or ../shared/data"
+    )
+    sp.add_argument("--out", type=Path, default=None, help="default: .cache/qat/<model>-<plan>")
+    sp.add_argument(
+        "--cache-dir", type=Path, default=None, help="decoded-image cache (default: .cache/train/data)"
+    )
+    sp.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    sp.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    sp.add_argument("--workers", type=int, default=1, help="augmentation worker processes (default: 1)")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=main)
+    return sp
+
+
+def resolve_plan(text: str):
+    from serving.qat.loop import PRESETS, preset_plan
+    from serving.quantize.plan import load_plan
+
+    if text in PRESETS:
+        return preset_plan(text)
+    if not text.endswith((".yaml", ".yml")) and not Path(text).exists():
+        raise RtqError(f"--plan {text!r} is neither a built-in plan ({', '.join(PRESETS)}) nor a YAML file")
+    return load_plan(text)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from serving.models.zoo import class_wnids, create_model
+    from serving.qat.loop import QatConfig, QatData, run_qat
+    from serving.train.data import balanced_subset, cached_array, open_folders, train_store_preprocessing
+    from serving.train.loop import check_device
+
+    argv = sys.argv[1:]
+    if argv[:1] != ["qat"]:
+        argv = ["qat", *argv]
+    command = "rtq " + " ".join(shlex.quote(a) for a in argv)
+    check_device(args.device)
+    torch.set_num_threads(max(1, args.threads))
+    plan = resolve_plan(args.plan)
+    cfg = QatConfig(
+        epochs=args.epochs,
+        progressive=args.progressive,
+        kd=args.kd,
+        temperature=args.temperature,
+        lr=args.lr,
+        step_lr=args.step_lr,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        freeze_threshold=args.freeze_threshold,
+        calibration_images=args.calibration_images,
+        max_images=args.max_images,
+        max_val_images=args.max_val_images,
+        seed=args.seed,
+    )
+    loaded = create_model(args.model, args.weights)
+    if not loaded.trained:
+        raise RtqError(
+            f"{args.model} has no trained weights here; QAT needs a trained FP32 teacher (--weights FILE)"
+        )
+    classes = class_wnids(loaded.spec.classes)
+    folders = open_folders(args.data, args.data_root)
+    if folders.classes != tuple(classes):
+        raise RtqError(
+            f"{folders.root} has the classes {list(folders.classes)[:3]}..., {args.model} predicts "
+            f"{list(classes)[:3]}...: QAT trains on data of the model's own label space"
+        )
+    pp = loaded.spec.preprocessing
+    cache_dir = args.cache_dir or PROJECT_ROOT / ".cache" / "train" / "data"
+    train_split = balanced_subset(folders.train, cfg.max_images)
+    val_split = balanced_subset(folders.val, cfg.max_val_images)
+    data = QatData(
+        train_images=cached_array(train_split, train_store_preprocessing(pp.mean, pp.std), cache_dir),
+        train_labels=train_split.labels,
+        val_images=cached_array(val_split, pp, cache_dir),
+        val_labels=val_split.labels,
+        mean=tuple(pp.mean),
+        std=tuple(pp.std),
+        source=str(folders.root),
+    )
+    out = args.out or PROJECT_ROOT / ".cache" / "qat" / f"{args.model}-{plan.name}"
+    result = run_qat(
+        loaded, plan, data, cfg, out, device=args.device, workers=args.workers, command=command,
+        progress=not args.quiet and sys.stderr.isatty(),
+        log=lambda msg: print(msg, flush=True),
+    )  # fmt: skip
+    print(f"plan for rtq build / rtq bench lowbit: {result.plan_path}")
+    return 0

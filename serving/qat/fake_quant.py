@@ -1,0 +1,184 @@
+"""LSQ fake quantizers for QAT: learnable step sizes for weights and activations, oscillation freezing.
+
+Hand-written because the frameworks' QAT (torch.ao, NNCF) quantize at 8 bits with fixed observers
+or no per-weight freezing; below 4 bits the step size has to be learned (LSQ, Esser et al. 2020)
+and weights that flip between two grid points have to be pinned (Nagel et al. 2022, "Overcoming
+Oscillations in Quantization-Aware Training").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from serving.quantize.lowbit import WeightQuant, quantize_weight
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (x.round() - x).detach() + x
+
+
+def _grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    # Same value, gradient times `scale` (LSQ: keeps step-size updates on the weights' footing).
+    return (x - x * scale).detach() + x * scale
+
+
+class WeightFakeQuant(nn.Module):
+    """Per-output-channel symmetric weights on a learned grid: w_hat = clamp(round(w / s)) * s.
+
+    Symmetric with zero point 0 and per-channel steps, exactly the grid the packed ONNX file stores,
+    so the integers trained here are the integers that ship.
+    """
+
+    def __init__(self, out_channels: int) -> None:
+        super().__init__()
+        self.bits = 8
+        self.enabled = True  # off during calibration: the ranges are those of the FP model
+        self.log_step = nn.Parameter(torch.zeros(out_channels))
+        # Oscillation tracking, per weight (buffers so they follow the module across devices).
+        self.register_buffer("prev_int", torch.zeros(0))
+        self.register_buffer("prev_dir", torch.zeros(0))
+        self.register_buffer("freq", torch.zeros(0))
+        self.register_buffer("ema_int", torch.zeros(0))
+        self.register_buffer("frozen", torch.zeros(0, dtype=torch.bool))
+        self.register_buffer("frozen_int", torch.zeros(0))
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def step(self) -> torch.Tensor:
+        # A log-parametrized step cannot go negative or to zero under a large update.
+        return self.log_step.exp()
+
+    @torch.no_grad()
+    def reset(self, weight: torch.Tensor, bits: int) -> None:
+        """Start at `bits` from the MSE-optimal per-channel clipping of round-to-nearest (lowbit.py)."""
+        self.bits = bits
+        qw = quantize_weight(weight.detach().float().cpu().numpy(), WeightQuant(bits, True, True, True))
+        step = torch.as_tensor(qw.scale, dtype=torch.float32, device=weight.device).clamp_min(1e-12)
+        self.log_step.copy_(step.log())
+        ints = self._ints(weight)
+        self.prev_int = ints.clone()
+        self.prev_dir = torch.zeros_like(ints)
+        self.freq = torch.zeros_like(ints)
+        self.ema_int = ints.clone()
+        self.frozen = torch.zeros_like(ints, dtype=torch.bool)
+        self.frozen_int = torch.zeros_like(ints)
+
+    def _shape(self, weight: torch.Tensor) -> tuple[int, ...]:
+        return (-1,) + (1,) * (weight.dim() - 1)
+
+    def _ints(self, weight: torch.Tensor) -> torch.Tensor:
+        s = self.step().view(self._shape(weight))
+        return torch.clamp(torch.round(weight / s), self.qmin, self.qmax)
+
+    @property
+    def initialized(self) -> bool:
+        return self.prev_int.numel() > 0
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        g = 1.0 / math.sqrt(weight[0].numel() * self.qmax)
+        s = _grad_scale(self.step(), g).view(self._shape(weight))
+        q = _round_ste(torch.clamp(weight / s, self.qmin, self.qmax))
+        if self.frozen.numel() and bool(self.frozen.any()):
+            q = torch.where(self.frozen, self.frozen_int, q)
+        return q * s
+
+    def integers(self, weight: torch.Tensor) -> torch.Tensor:
+        """The integers the deployed file stores (frozen weights at their pinned value)."""
+        with torch.no_grad():
+            q = self._ints(weight)
+            return torch.where(self.frozen, self.frozen_int, q) if self.frozen.numel() else q
+
+    @torch.no_grad()
+    def track(self, weight: torch.Tensor, momentum: float, threshold: float | None) -> int:
+        """After an optimizer step: update oscillation frequencies; freeze weights above threshold.
+
+        An oscillation is a change of the integer in the direction opposite to its last change.
+        Returns how many weights are frozen.
+        """
+        if self.prev_int.shape != weight.shape:
+            return 0
+        ints = self._ints(weight)
+        delta = torch.sign(ints - self.prev_int)
+        flipped = (delta != 0) & (self.prev_dir != 0) & (delta != self.prev_dir)
+        self.freq.mul_(momentum).add_(flipped.float(), alpha=1 - momentum)
+        self.ema_int.mul_(momentum).add_(ints, alpha=1 - momentum)
+        self.prev_dir = torch.where(delta != 0, delta, self.prev_dir)
+        self.prev_int = ints
+        if threshold is not None:
+            new = (self.freq > threshold) & ~self.frozen
+            if bool(new.any()):
+                pinned = torch.clamp(torch.round(self.ema_int), self.qmin, self.qmax)
+                self.frozen_int = torch.where(new, pinned, self.frozen_int)
+                self.frozen |= new
+        return int(self.frozen.sum())
+
+
+class ActFakeQuant(nn.Module):
+    """Per-tensor asymmetric activations with a learned step and offset (LSQ+, Bhalgat et al. 2020).
+
+    Conv inputs here are SiLU outputs (down to -0.28) or linear projections (signed), so a learned
+    offset keeps the grid on the values actually seen instead of wasting half of it on negatives.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bits = 8
+        self.enabled = True
+        self.log_step = nn.Parameter(torch.zeros(()))
+        self.offset = nn.Parameter(torch.zeros(()))
+        # Sums of per-batch minima and maxima and the batch count: the mean of per-batch extremes
+        # ignores the rare outlier that one global min/max would stretch a 4-bit grid over.
+        self.register_buffer("observed", torch.zeros(3))
+        self.observing = False
+        self.initialized = False
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    @torch.no_grad()
+    def set_bits(self, bits: int) -> None:
+        """First call: start from the calibrated range. Later: keep the learned range, refine the grid."""
+        if not self.initialized:
+            self.init_from_range(bits)
+        elif bits != self.bits:
+            old = self.qmax
+            self.bits = bits
+            self.log_step.add_(math.log(old / self.qmax))
+
+    @torch.no_grad()
+    def init_from_range(self, bits: int) -> None:
+        lo_sum, hi_sum, n = (float(v) for v in self.observed)
+        if n == 0:
+            raise RuntimeError("activation quantizer saw no data during calibration")
+        lo, hi = lo_sum / n, hi_sum / n
+        self.bits = bits
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        self.log_step.fill_(math.log(max((hi - lo) / self.qmax, 1e-8)))
+        self.offset.fill_(lo)
+        self.initialized = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            with torch.no_grad():
+                lo, hi = torch.aminmax(x.detach().float())
+                self.observed += torch.stack([lo, hi, torch.ones_like(lo)])
+            return x
+        if not self.enabled:
+            return x
+        g = 1.0 / math.sqrt(x[0].numel() * self.qmax)
+        s = _grad_scale(self.log_step.exp(), g)
+        beta = _grad_scale(self.offset, g)
+        q = _round_ste(torch.clamp((x - beta) / s, 0, self.qmax))
+        return q * s + beta

@@ -1,0 +1,355 @@
+"""`rtq qat`: fold, wrap, calibrate, then train the fake-quantized student against the FP32 teacher.
+
+Phases of progressive bit reduction (8 -> 4 -> 2 by default) each restart a cosine learning rate;
+the last phase is at the plan's own bits and is what gets exported. Training runs in fp32: the
+rounding of w / s has to be exact, and bf16 keeps only 8 bits of mantissa.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from serving.errors import RtqError
+from serving.models.zoo import LoadedModel
+from serving.qat.fold import fold_batchnorm
+from serving.qat.integers import save_integers
+from serving.qat.prepare import (
+    Phase,
+    QuantLayer,
+    calibrate,
+    prepare,
+    progressive_phases,
+    set_bits,
+    track_oscillations,
+)
+from serving.quantize.plan import PrecisionPlan, parse_plan
+
+Log = Callable[[str], None]
+EVAL_BATCH = 100
+
+# Built-in plans; a YAML plan (rtq sensitivity --allocate writes them) works the same way.
+PRESETS: dict[str, dict] = {
+    "w8a8": {"weights": {"bits": 8}, "activations": {"bits": 8}},
+    "w4a8": {"weights": {"bits": 4}, "activations": {"bits": 8}},
+    "w4a4": {"weights": {"bits": 4}, "activations": {"bits": 4}},
+    # First and last layers at 8 bits, as the issue allows for W2A4.
+    "w2a4": {"weights": {"bits": 2}, "activations": {"bits": 4}},
+}
+_FIRST_LAST_8 = {"stem": {"bits": 8}, "classifier": {"bits": 8}}
+
+
+def preset_plan(name: str) -> PrecisionPlan:
+    if name not in PRESETS:
+        raise RtqError(f"unknown QAT plan {name!r}; built in: {', '.join(PRESETS)}, or a plan YAML file")
+    return parse_plan({"name": name, **PRESETS[name], "components": _FIRST_LAST_8}, f"preset {name}")
+
+
+@dataclass(frozen=True)
+class QatConfig:
+    epochs: int = 4
+    progressive: tuple[int, ...] = (8, 4, 2)  # () trains at the plan's bits from the start
+    kd: bool = True  # distil from the FP32 teacher (KL at temperature); else cross-entropy on labels
+    temperature: float = 1.0
+    lr: float = 5e-5  # weights and biases
+    step_lr: float = 1e-3  # log step sizes and activation offsets
+    batch_size: int = 32
+    image_size: int | None = None  # training crops; None: the model's serving resolution
+    crop_scale_min: float = 0.35
+    grad_clip: float = 1.0
+    freeze_threshold: float | None = 0.02  # oscillation frequency above which a weight is pinned
+    osc_momentum: float = 0.99
+    freeze_after: float = 0.3  # fraction of each low-bit phase before freezing starts
+    calibration_images: int = 256
+    max_images: int | None = None
+    max_val_images: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise RtqError(f"--epochs must be 0 or more, got {self.epochs}")
+        if any(b not in (2, 3, 4, 6, 8) for b in self.progressive):
+            raise RtqError(f"--progressive widths must be among 2, 3, 4, 6, 8; got {list(self.progressive)}")
+        if self.batch_size < 2 or self.lr <= 0 or self.step_lr <= 0 or self.temperature <= 0:
+            raise RtqError("--batch-size must be >= 2 and learning rates and temperature positive")
+
+
+@dataclass
+class QatData:
+    """uint8 train store (N x 3 x S x S, augmented on the fly), labels, val images at eval size."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str
+
+
+@dataclass
+class QatResult:
+    plan_path: Path
+    integers_path: Path
+    summary: dict
+    history: list[dict] = field(default_factory=list)
+
+
+def _normalize(x: torch.Tensor, data: QatData, device: str) -> torch.Tensor:
+    x = x.to(device, non_blocking=True).float()
+    mean = torch.tensor(data.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(data.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: QatData, device: str) -> dict:
+    model.eval()
+    correct, t0 = 0, time.perf_counter()
+    for i in range(0, len(data.val_labels), EVAL_BATCH):
+        x = _normalize(torch.from_numpy(np.array(data.val_images[i : i + EVAL_BATCH])), data, device)
+        y = torch.from_numpy(data.val_labels[i : i + EVAL_BATCH]).to(device)
+        correct += int((model(x).argmax(1) == y).sum())
+    n = len(data.val_labels)
+    return {"top1": correct / n, "images": n, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _loss(student_logits, teacher_logits, y, cfg: QatConfig) -> torch.Tensor:
+    if not cfg.kd:
+        return F.cross_entropy(student_logits, y)
+    t = cfg.temperature
+    return F.kl_div(
+        F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+        reduction="batchmean", log_target=True,
+    ) * (t * t)  # fmt: skip
+
+
+def _lr_factor(step: int, total: int) -> float:
+    warm = max(1, total // 20)
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _batches(data: QatData, cfg: QatConfig, size: int, epoch: int, workers: int):
+    from serving.train.data import Augment, AugmentedImages, EpochBatches, worker_init
+
+    aug = Augment(size, cfg.crop_scale_min, 0, 0.0)  # crop + flip only: the teacher is the target
+    return torch.utils.data.DataLoader(
+        AugmentedImages(data.train_images, data.train_labels, aug),
+        batch_sampler=EpochBatches(len(data.train_labels), cfg.batch_size, cfg.seed, 1000 + epoch),
+        num_workers=workers,
+        worker_init_fn=worker_init if workers else None,
+        generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
+    )
+
+
+def _calibration_batches(data: QatData, cfg: QatConfig, size: int, device: str):
+    from serving.train.data import balanced_indices
+
+    idx = balanced_indices(data.train_labels, cfg.calibration_images)
+    for i in range(0, len(idx), EVAL_BATCH):
+        x = _normalize(torch.from_numpy(np.array(data.train_images[idx[i : i + EVAL_BATCH]])), data, device)
+        # Whole stored frames at the training size: the ranges of what training will show.
+        yield F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def run_qat(
+    loaded: LoadedModel,
+    plan: PrecisionPlan,
+    data: QatData,
+    cfg: QatConfig,
+    out: Path,
+    device: str = "cpu",
+    workers: int = 1,
+    command: str = "",
+    log: Log = print,
+    progress: bool = False,
+) -> QatResult:
+    """Train, export the integers and a build plan (`method: qat`) into `out`; return what was written."""
+    torch.manual_seed(cfg.seed)
+    size = cfg.image_size or loaded.spec.preprocessing.resolution
+    teacher = loaded.module.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = copy.deepcopy(teacher)
+    example = torch.zeros(1, 3, size, size, device=device)
+    folded = fold_batchnorm(student, example)
+    layers = prepare(student, plan)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    seen = calibrate(student, layers, _calibration_batches(data, cfg, size, device))
+    phases = progressive_phases(plan, cfg.progressive, cfg.epochs) if cfg.epochs else [
+        Phase(min(q.target_bits for q in layers), plan.act_bits, 0)
+    ]  # fmt: skip
+    log(
+        f"{loaded.spec.name}: {len(folded)} batch norms folded, {len(layers)} layers wrapped, "
+        f"{seen} calibration images; phases "
+        + ", ".join(f"W{p.weight_bits}A{p.act_bits} x{p.epochs}" for p in phases)
+    )
+    t_start = time.perf_counter()
+    fp32 = evaluate(teacher, data, device)
+    log(f"teacher FP32 top-1 {fp32['top1']:.4f} on {fp32['images']} val images")
+    history: list[dict] = []
+    epoch = 0
+    for phase in phases:
+        set_bits(layers, phase.weight_bits, phase.act_bits)
+        if phase.epochs == 0:
+            continue
+        quant_params = [p for n, p in student.named_parameters() if ".weight_q." in n or ".input_q." in n]
+        ids = {id(p) for p in quant_params}
+        model_params = [p for p in student.parameters() if id(p) not in ids]
+        opt = torch.optim.AdamW(
+            [{"params": model_params, "lr": cfg.lr}, {"params": quant_params, "lr": cfg.step_lr}],
+            weight_decay=0.0,
+        )
+        base = [g["lr"] for g in opt.param_groups]
+        steps_per_epoch = max(1, len(data.train_labels) // cfg.batch_size)
+        total = steps_per_epoch * phase.epochs
+        freeze_from = int(cfg.freeze_after * total) if phase.weight_bits < 8 else total + 1
+        step = 0
+        for _ in range(phase.epochs):
+            t0 = time.perf_counter()
+            loss_sum, n_seen, frozen = 0.0, 0, 0
+            loader = _batches(data, cfg, size, epoch, workers)
+            tag = f"W{phase.weight_bits}A{phase.act_bits}"
+            bar = _progress(progress, steps_per_epoch, f"{tag} epoch {epoch + 1}")
+            student.eval()  # no dropout: the student follows the teacher, it is not regularized
+            for x, y in loader:
+                for g, lr in zip(opt.param_groups, base, strict=True):
+                    g["lr"] = lr * _lr_factor(step, total)
+                x = _normalize(x, data, device)
+                y = y.to(device)
+                with torch.no_grad():
+                    t_logits = teacher(x) if cfg.kd else None
+                s_logits = student(x)
+                loss = _loss(s_logits, t_logits, y, cfg)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+                opt.step()
+                threshold = cfg.freeze_threshold if step >= freeze_from else None
+                frozen = track_oscillations(layers, cfg.osc_momentum, threshold)
+                loss_sum += float(loss) * len(y)
+                n_seen += len(y)
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}", frozen=frozen, refresh=False)
+            if bar is not None:
+                bar.close()
+            del loader
+            val = evaluate(student, data, device)
+            epoch += 1
+            record = {
+                "epoch": epoch,
+                "weight_bits": phase.weight_bits,
+                "act_bits": phase.act_bits,
+                "loss": loss_sum / max(1, n_seen),
+                "val_top1": val["top1"],
+                "frozen_weights": frozen,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "images_per_second": round(n_seen / max(1e-9, time.perf_counter() - t0), 1),
+            }
+            history.append(record)
+            log(
+                f"epoch {epoch}/{cfg.epochs} {tag}: loss {record['loss']:.4f} "
+                f"val top-1 {val['top1']:.4f} (FP32 {fp32['top1']:.4f}), {frozen} weights frozen, "
+                f"{record['images_per_second']:.0f} img/s"
+            )
+    final = evaluate(student, data, device)
+    summary = {
+        "model": loaded.spec.name,
+        "plan": plan.name,
+        "fp32_top1": fp32["top1"],
+        "qat_top1": final["top1"],
+        "delta_pp": round(100 * (final["top1"] - fp32["top1"]), 2),
+        "val_images": final["images"],
+        "weight_bits": {q.name: q.weight_q.bits for q in layers},
+        "act_bits": plan.act_bits,
+        "frozen_weights": sum(int(q.weight_q.frozen.sum()) for q in layers if q.weight_q.frozen.numel()),
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    log(
+        f"done: {plan.name} fake-quantized top-1 {final['top1']:.4f} vs FP32 {fp32['top1']:.4f} "
+        f"({summary['delta_pp']:+.2f} pp) in {summary['wall_s'] / 60:.1f} min"
+    )
+    result = export(loaded, plan, layers, cfg, data, summary, history, out, command, device)
+    return result
+
+
+def export(
+    loaded: LoadedModel,
+    plan: PrecisionPlan,
+    layers: list[QuantLayer],
+    cfg: QatConfig,
+    data: QatData,
+    summary: dict,
+    history: list[dict],
+    out: Path,
+    command: str,
+    device: str,
+) -> QatResult:
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{plan.name}qat" if not plan.name.endswith("qat") else plan.name
+    integers = out / f"{name}.npz"
+    meta = {
+        "model": loaded.spec.name,
+        "weights_sha256": loaded.weights_sha256,
+        "plan": plan.to_dict(),
+        "config": asdict(cfg),
+        "command": command,
+        "data": data.source,
+        "summary": summary,
+        "device": device,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__},
+    }
+    sha = save_integers(integers, {q.name: q.quantized() for q in layers}, meta)
+    kd = "QAT+KD" if cfg.kd else "QAT"
+    prog = "progressive " + "->".join(str(b) for b in cfg.progressive) if cfg.progressive else "direct"
+    deploy = {
+        "name": name,
+        "method": "qat",
+        "description": (
+            f"{loaded.spec.name}: {kd} ({prog}, {cfg.epochs} epochs) of plan {plan.name}, trained at "
+            f"A{plan.act_bits}, fake-quantized top-1 {summary['qat_top1']:.4f} vs FP32 "
+            f"{summary['fp32_top1']:.4f}; served with 8-bit activations (the integer kernels there are)"
+        ),
+        "weights": {"bits": plan.weights.bits, "per_channel": True, "symmetric": True},
+        "activations": {"bits": 8},
+        "components": {k: {"bits": v} for k, v in plan.components.items()},
+        "layers": {k: {"bits": v} for k, v in plan.layers.items()},
+        "calibration_images": plan.calibration_images,
+        "qat_file": integers.name,
+        "qat_sha256": sha,
+    }
+    plan_path = out / f"{name}.yaml"
+    plan_path.write_text(yaml.safe_dump(deploy, sort_keys=False))
+    log_payload = {"summary": summary, "history": history, "config": asdict(cfg), "command": command}
+    tmp = out / ".log.json.tmp"
+    tmp.write_text(json.dumps(log_payload, indent=2) + "\n")
+    os.replace(tmp, out / "log.json")
+    return QatResult(plan_path, integers, summary, history)
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False)

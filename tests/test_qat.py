@@ -1,0 +1,215 @@
+"""`rtq qat`: BN folding, LSQ quantizers, oscillation freezing, and the integers reaching the packed file."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+
+from serving.errors import RtqError
+from serving.models.zoo import LoadedModel, get_spec
+from serving.qat.fake_quant import ActFakeQuant, WeightFakeQuant
+from serving.qat.fold import fold_batchnorm
+from serving.qat.integers import load_qat_layers
+from serving.qat.loop import QatConfig, QatData, preset_plan, run_qat
+from serving.qat.prepare import calibrate, prepare, progressive_phases, set_bits
+from serving.quantize.plan import load_plan, parse_plan
+from serving.quantize.ptq import fake_quantized, logits
+
+RES = 64
+
+
+def _teacher(seed: int = 0) -> LoadedModel:
+    """EfficientNetV2-B0 (10 classes) with non-trivial batch-norm statistics, served at 64 px."""
+    import timm
+
+    torch.manual_seed(seed)
+    m = timm.create_model("tf_efficientnetv2_b0", num_classes=10)
+    g = torch.Generator().manual_seed(seed)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            n = mod.num_features
+            mod.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            mod.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            mod.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    m.eval()
+    spec = get_spec("efficientnetv2_b0_imagenette")
+    spec = replace(spec, preprocessing=replace(spec.preprocessing, resolution=RES))
+    return LoadedModel(spec, m, True, "test teacher", None)
+
+
+def _data(n_train: int = 48, n_val: int = 20) -> QatData:
+    rng = np.random.default_rng(0)
+    return QatData(
+        train_images=rng.integers(0, 256, (n_train, 3, 80, 80), dtype=np.uint8),
+        train_labels=np.arange(n_train) % 10,
+        val_images=rng.integers(0, 256, (n_val, 3, RES, RES), dtype=np.uint8),
+        val_labels=np.arange(n_val) % 10,
+        mean=(124.0, 116.0, 104.0),
+        std=(58.0, 57.0, 57.0),
+        source="synthetic",
+    )
+
+
+def test_fold_batchnorm_keeps_the_function_and_leaves_no_batch_norm():
+    loaded = _teacher()
+    x = torch.randn(2, 3, RES, RES)
+    ref = loaded.module(x)
+    import copy
+
+    student = copy.deepcopy(loaded.module)
+    folded = fold_batchnorm(student, x[:1])
+    assert len(folded) > 40 and "conv_stem" in folded
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in student.modules())
+    torch.testing.assert_close(student(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_quantizer_grid_gradients_and_freezing():
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    q = WeightFakeQuant(4)
+    q.reset(w, 4)
+    out = q(w)
+    ints = out.detach() / q.step().detach().view(-1, 1, 1, 1)
+    assert torch.allclose(ints, ints.round(), atol=1e-4) and ints.min() >= -8 and ints.max() <= 7
+    out.sum().backward()
+    assert w.grad is not None and q.log_step.grad is not None and q.log_step.grad.abs().sum() > 0
+    # A weight pushed back and forth across a rounding boundary oscillates and gets pinned.
+    with torch.no_grad():
+        s = float(q.step()[0])
+        w[0, 0, 0, 0] = 0.45 * s
+    frozen = 0
+    for i in range(200):
+        with torch.no_grad():
+            w[0, 0, 0, 0] = (0.45 if i % 2 else 0.55) * s
+        frozen = q.track(w, momentum=0.9, threshold=0.3)
+    assert q.frozen[0, 0, 0, 0] and frozen >= 1
+    with torch.no_grad():
+        w[0, 0, 0, 0] = 3.0 * s  # far away: the pinned integer still wins
+        assert float(q(w)[0, 0, 0, 0]) / s == pytest.approx(float(q.frozen_int[0, 0, 0, 0]), abs=1e-4)
+        assert int(q.integers(w)[0, 0, 0, 0]) == int(q.frozen_int[0, 0, 0, 0])
+    assert not q.frozen.view(-1)[1:].any()
+
+
+def test_activation_quantizer_uses_observed_range_and_keeps_it_when_bits_drop():
+    a = ActFakeQuant()
+    a.observing = True
+    a(torch.linspace(-0.2, 3.0, 1000))
+    a.observing = False
+    a.set_bits(8)
+    y = a(torch.linspace(-0.2, 3.0, 1000))
+    assert len(torch.unique(y)) <= 256 and float((y - torch.linspace(-0.2, 3.0, 1000)).abs().max()) < 0.01
+    a.set_bits(4)
+    y4 = a(torch.linspace(-0.2, 3.0, 1000))
+    assert len(torch.unique(y4)) <= 16 and float(y4.max()) == pytest.approx(3.0, abs=0.25)
+
+
+def test_progressive_phases_step_down_to_the_plan():
+    w2a4 = preset_plan("w2a4")
+    phases = progressive_phases(w2a4, (8, 4, 2), 7)
+    assert [(p.weight_bits, p.act_bits) for p in phases] == [(8, 8), (4, 4), (2, 4)]
+    assert [p.epochs for p in phases] == [2, 2, 3]  # the shipped phase gets the remainder
+    assert [p.weight_bits for p in progressive_phases(preset_plan("w4a8"), (8, 4, 2), 2)] == [8, 4]
+    assert [p.weight_bits for p in progressive_phases(w2a4, (), 3)] == [2]
+    with pytest.raises(RtqError, match="cannot cover"):
+        progressive_phases(w2a4, (8, 4, 2), 2)
+
+
+def test_plan_bits_reach_the_layers_and_first_last_stay_8bit():
+    loaded = _teacher()
+    x = torch.randn(4, 3, RES, RES)
+    fold_batchnorm(loaded.module, x[:1])
+    layers = prepare(loaded.module, preset_plan("w2a4"))
+    calibrate(loaded.module, layers, [x])
+    set_bits(layers, 2, 4)
+    bits = {q.name: (q.weight_q.bits, q.input_q.bits) for q in layers}
+    assert bits["conv_stem"] == (8, 8)  # the image itself is the stem's input
+    assert bits["classifier"] == (8, 4)
+    assert bits["blocks.5.0.conv_pwl"] == (2, 4)
+    with pytest.raises(RtqError, match="unknown layers"):
+        prepare(_teacher().module, parse_plan({"name": "bad", "layers": {"nope.conv": 4}}))
+
+
+def test_qat_integers_are_what_the_build_serves(tmp_path: Path):
+    """Train one tiny epoch, then the FP32 graph with the exported integers computes the student."""
+    loaded = _teacher()
+    from serving.export.onnx_export import export_onnx
+
+    fp32 = export_onnx(loaded, tmp_path / "fp32.onnx")
+    cfg = QatConfig(epochs=1, progressive=(), batch_size=16, calibration_images=16, image_size=RES)
+    result = run_qat(loaded, preset_plan("w4a8"), _data(), cfg, tmp_path / "qat", log=lambda m: None)
+    assert result.summary["weight_bits"]["blocks.1.0.conv_exp"] == 4
+    assert result.summary["weight_bits"]["conv_stem"] == 8
+    plan = load_plan(result.plan_path)
+    assert plan.method == "qat" and Path(plan.qat_file) == result.integers_path and plan.act_bits == 8
+    model = onnx.load(str(fp32))
+    qlayers = load_qat_layers(model, plan)
+    assert {ql.weight.spec.bits for ql in qlayers} == {4, 8}
+    # The student with activation quantizers off vs the FP32 graph carrying the trained integers.
+    student = _student_from(result, loaded)
+    x = np.random.default_rng(1).normal(size=(3, 3, RES, RES)).astype(np.float32)
+    with torch.no_grad():
+        want = student(torch.from_numpy(x)).numpy()
+    got = logits(fake_quantized(model, qlayers), x)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
+def _student_from(result, loaded: LoadedModel):
+    """Rebuild the student from the exported file alone: folded teacher + the file's integers."""
+    import copy
+
+    from serving.qat.integers import read_integers
+
+    m = copy.deepcopy(loaded.module)
+    fold_batchnorm(m, torch.zeros(1, 3, RES, RES))
+    by_layer, _ = read_integers(result.integers_path)
+    with torch.no_grad():
+        for name, mod in m.named_modules():
+            if name in by_layer and hasattr(mod, "weight"):
+                got = by_layer[name]
+                shape = (-1,) + (1,) * (mod.weight.dim() - 1)
+                step = torch.from_numpy(got["step"]).view(shape)
+                mod.weight.copy_(torch.from_numpy(got["q"]).float() * step)
+                mod.bias.copy_(torch.from_numpy(got["bias"]))
+    return m.eval()
+
+
+def test_qat_plan_and_file_errors(tmp_path: Path):
+    with pytest.raises(RtqError, match="method qat and qat_file go together"):
+        parse_plan({"name": "x", "method": "qat"})
+    with pytest.raises(RtqError, match="unknown QAT plan"):
+        preset_plan("w3a3")
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump({"name": "w4a8qat", "method": "qat", "qat_file": "missing.npz"}))
+    plan = load_plan(p)
+    assert plan.qat_file == str(tmp_path / "missing.npz")
+    with pytest.raises(RtqError, match="do not exist"):
+        load_qat_layers(onnx.ModelProto(), plan)
+
+
+def test_rtq_qat_refuses_data_of_another_label_space(tmp_path: Path, data_root: Path, monkeypatch):
+    from serving.qat import cli
+
+    if not (data_root / "imagenet-val").is_dir():
+        pytest.skip(f"no data at {data_root}")
+    import serving.models.zoo as zoo
+
+    monkeypatch.setattr(zoo, "create_model", lambda name, weights=None: _teacher())
+    d = tmp_path / "other"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (d / split / c).mkdir(parents=True)
+            (d / split / c / "x.png").write_bytes(b"")
+    parser = cli.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--data", str(d), "--epochs", "0", "--out", str(tmp_path / "o")])
+    with pytest.raises(RtqError, match="label space"):
+        cli.main(args)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--progressive", "8,x"])
