@@ -144,6 +144,12 @@ def cmd_bench_lowbit(args: argparse.Namespace) -> int:
     return lowbit_main(args, _command_line())
 
 
+def cmd_bench_qat(args: argparse.Namespace) -> int:
+    from serving.qat.ablation import main as qat_ablation_main
+
+    return qat_ablation_main(args, _command_line())
+
+
 def cmd_bench_offline(args: argparse.Namespace) -> int:
     from serving.bench.offline import run_offline
 
@@ -308,6 +314,12 @@ def parser() -> argparse.ArgumentParser:
     from serving.qat.cli import add_arguments as qat_args
 
     qat_args(sub.add_parser("qat", help="quantization-aware training with distillation; writes a build plan"))
+
+    from serving.qat.ablation import add_arguments as qat_ablation_args
+
+    sp = bsub.add_parser("qat", help="PTQ vs QAT vs QAT+KD (+ progressive) per precision; table + JSON")
+    qat_ablation_args(sp)
+    sp.set_defaults(func=cmd_bench_qat)
 
     sp = sub.add_parser("serve", help="edge gRPC server (KServe v2, Triton protocol) + Prometheus metrics")
     serve_args(sp)

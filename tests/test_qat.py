@@ -52,8 +52,7 @@ def _data(n_train: int = 48, n_val: int = 20) -> QatData:
         train_labels=np.arange(n_train) % 10,
         val_images=rng.integers(0, 256, (n_val, 3, RES, RES), dtype=np.uint8),
         val_labels=np.arange(n_val) % 10,
-        mean=(124.0, 116.0, 104.0),
-        std=(58.0, 57.0, 57.0),
+        pp=_teacher().spec.preprocessing,
         source="synthetic",
     )
 
@@ -213,3 +212,34 @@ def test_rtq_qat_refuses_data_of_another_label_space(tmp_path: Path, data_root: 
         cli.main(args)
     with pytest.raises(SystemExit):
         parser.parse_args(["--progressive", "8,x"])
+
+
+def test_rtq_bench_qat_writes_the_ablation_table(tmp_path: Path, data_root: Path, monkeypatch):
+    """PTQ and progressive QAT+KD side by side on a real imagenette subset (64 px teacher)."""
+    if not (data_root / "imagenette" / "train").is_dir():
+        pytest.skip(f"no imagenette at {data_root}")
+    import json
+
+    import serving.models.zoo as zoo
+    from serving.qat import ablation
+
+    monkeypatch.setattr(zoo, "create_model", lambda name, weights=None: _teacher())
+    monkeypatch.setattr(ablation, "PROJECT_ROOT", tmp_path)  # caches and cell outputs stay in tmp
+    parser = argparse.ArgumentParser()
+    ablation.add_arguments(parser)
+    args = parser.parse_args(
+        ["--precisions", "w4a8", "--methods", "ptq,qat-kd-progressive", "--epochs", "2", "--max-images", "20",
+         "--max-val-images", "10", "--batch-size", "8", "--data-root", str(data_root), "--out", str(tmp_path),
+         "--threads", "1", "-q"]
+    )  # fmt: skip
+    assert ablation.main(args, "pytest") == 0
+    (js,) = tmp_path.glob("qat-ablation-*.json")
+    rows = json.loads(js.read_text())["rows"]
+    assert [(r["method"], r["epochs"]) for r in rows] == [("ptq", 0), ("qat-kd-progressive", 2)]
+    assert [h["weight_bits"] for h in rows[1]["history"]] == [8, 4]  # stepped down to the plan
+    assert all(0 <= r["top1"] <= 1 and r["val_images"] == 10 for r in rows)
+    md = js.with_suffix(".md").read_text()
+    assert "| w4a8 |" in md and "ptq" in md
+    args.epochs = 1  # progressive 8 -> 4 needs two epochs: refused before any training
+    with pytest.raises(RtqError, match="cannot cover"):
+        ablation.main(args, "pytest")

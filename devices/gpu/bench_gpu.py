@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import platform
 import sys
 import tempfile
@@ -359,13 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         "speedups": [],
         "notes": notes,
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"gpu-{now.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    stem.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"wrote {stem}.json and {stem}.md")
+    from serving.bench.results import write_results
+
+    write_results(args.out_dir, "gpu", now, result, markdown(result))
     return 0
 
 

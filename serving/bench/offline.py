@@ -8,7 +8,6 @@ verdict (MLPerf-style): enough timed runs, warm-up excluded.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from serving.bench.results import write_results
 from serving.errors import RtqError
 from serving.repository.build import machine, tool_versions
 from serving.repository.layout import list_variants, open_variant
@@ -186,11 +186,5 @@ def run_offline(
         "variants": results,
         "speedups": speedups,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"offline-{now.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = _markdown(result)
-    stem.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"wrote {stem}.json and {stem}.md")
+    write_results(out_dir, "offline", now, result, _markdown(result))
     return result

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import json
 import os
 import socket
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.bench.results import write_results
 from serving.errors import RtqError
 from serving.settings import PROJECT_ROOT, default_data_root, default_results_dir
 
@@ -412,13 +412,7 @@ def run_serving_bench(
         },
         "validity": {"valid": not reasons, "reasons": reasons},
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"serving-{now.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    stem.with_suffix(".md").write_text(md)
-    log(md)
-    log(f"wrote {stem}.json and {stem}.md")
+    write_results(out_dir, "serving", now, result, markdown(result), log)
     return result
 
 

@@ -101,12 +101,47 @@ def resolve_plan(text: str):
     return load_plan(text)
 
 
+def open_qat_data(
+    loaded, data: str, data_root: Path | None, cache_dir: Path, max_images: int | None, max_val: int | None
+):
+    """The model's own label space from `<data>/{train,val}`, decoded once into the training cache."""
+    from serving.models.zoo import class_wnids
+    from serving.qat.loop import QatData
+    from serving.train.data import balanced_subset, cached_array, open_folders, train_store_preprocessing
+
+    classes = tuple(class_wnids(loaded.spec.classes))
+    folders = open_folders(data, data_root)
+    if folders.classes != classes:
+        raise RtqError(
+            f"{folders.root} has the classes {list(folders.classes)[:3]}..., {loaded.spec.name} predicts "
+            f"{list(classes)[:3]}...: QAT trains on data of the model's own label space"
+        )
+    pp = loaded.spec.preprocessing
+    train_split = balanced_subset(folders.train, max_images)
+    val_split = balanced_subset(folders.val, max_val)
+    return QatData(
+        train_images=cached_array(train_split, train_store_preprocessing(pp.mean, pp.std), cache_dir),
+        train_labels=train_split.labels,
+        val_images=cached_array(val_split, pp, cache_dir),
+        val_labels=val_split.labels,
+        pp=pp,
+        source=str(folders.root),
+    )
+
+
+def teacher(model: str, weights: str | None):
+    from serving.models.zoo import create_model
+
+    loaded = create_model(model, weights)
+    if not loaded.trained:
+        raise RtqError(f"{model} has no trained weights here; QAT needs a trained FP32 teacher (--weights)")
+    return loaded
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from serving.models.zoo import class_wnids, create_model
-    from serving.qat.loop import QatConfig, QatData, run_qat
-    from serving.train.data import balanced_subset, cached_array, open_folders, train_store_preprocessing
+    from serving.qat.loop import QatConfig, run_qat
     from serving.train.loop import check_device
 
     argv = sys.argv[1:]
@@ -131,31 +166,9 @@ def main(args: argparse.Namespace) -> int:
         max_val_images=args.max_val_images,
         seed=args.seed,
     )
-    loaded = create_model(args.model, args.weights)
-    if not loaded.trained:
-        raise RtqError(
-            f"{args.model} has no trained weights here; QAT needs a trained FP32 teacher (--weights FILE)"
-        )
-    classes = class_wnids(loaded.spec.classes)
-    folders = open_folders(args.data, args.data_root)
-    if folders.classes != tuple(classes):
-        raise RtqError(
-            f"{folders.root} has the classes {list(folders.classes)[:3]}..., {args.model} predicts "
-            f"{list(classes)[:3]}...: QAT trains on data of the model's own label space"
-        )
-    pp = loaded.spec.preprocessing
+    loaded = teacher(args.model, args.weights)
     cache_dir = args.cache_dir or PROJECT_ROOT / ".cache" / "train" / "data"
-    train_split = balanced_subset(folders.train, cfg.max_images)
-    val_split = balanced_subset(folders.val, cfg.max_val_images)
-    data = QatData(
-        train_images=cached_array(train_split, train_store_preprocessing(pp.mean, pp.std), cache_dir),
-        train_labels=train_split.labels,
-        val_images=cached_array(val_split, pp, cache_dir),
-        val_labels=val_split.labels,
-        mean=tuple(pp.mean),
-        std=tuple(pp.std),
-        source=str(folders.root),
-    )
+    data = open_qat_data(loaded, args.data, args.data_root, cache_dir, cfg.max_images, cfg.max_val_images)
     out = args.out or PROJECT_ROOT / ".cache" / "qat" / f"{args.model}-{plan.name}"
     result = run_qat(
         loaded, plan, data, cfg, out, device=args.device, workers=args.workers, command=command,

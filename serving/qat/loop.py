@@ -24,6 +24,7 @@ import yaml
 from torch import nn
 
 from serving.errors import RtqError
+from serving.models.preprocessing import Preprocessing
 from serving.models.zoo import LoadedModel
 from serving.qat.fold import fold_batchnorm
 from serving.qat.integers import save_integers
@@ -37,6 +38,7 @@ from serving.qat.prepare import (
     track_oscillations,
 )
 from serving.quantize.plan import PrecisionPlan, parse_plan
+from serving.train.loop import normalize_batch
 
 Log = Callable[[str], None]
 EVAL_BATCH = 100
@@ -95,8 +97,7 @@ class QatData:
     train_labels: np.ndarray
     val_images: np.ndarray
     val_labels: np.ndarray
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    pp: Preprocessing  # the model's: mean and std for both splits
     source: str
 
 
@@ -109,10 +110,7 @@ class QatResult:
 
 
 def _normalize(x: torch.Tensor, data: QatData, device: str) -> torch.Tensor:
-    x = x.to(device, non_blocking=True).float()
-    mean = torch.tensor(data.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(data.std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalize_batch(x, data.pp, False, device)
 
 
 @torch.no_grad()

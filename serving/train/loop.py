@@ -119,7 +119,9 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _normalize(x: torch.Tensor, pp: Preprocessing, channels_last: bool, device: str = "cpu") -> torch.Tensor:
+def normalize_batch(
+    x: torch.Tensor, pp: Preprocessing, channels_last: bool, device: str = "cpu"
+) -> torch.Tensor:
     # uint8 crosses to the device: a quarter of the bytes of the normalized float batch.
     x = x.to(device, non_blocking=True)
     mean = torch.tensor(pp.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
@@ -142,7 +144,9 @@ def evaluate(
     correct, loss_sum = 0, 0.0
     t0 = time.perf_counter()
     for i in range(0, len(labels), EVAL_BATCH):
-        x = _normalize(torch.from_numpy(np.array(images[i : i + EVAL_BATCH])), pp, cfg.channels_last, device)
+        x = normalize_batch(
+            torch.from_numpy(np.array(images[i : i + EVAL_BATCH])), pp, cfg.channels_last, device
+        )
         y = torch.from_numpy(labels[i : i + EVAL_BATCH]).to(device)
         with torch.autocast(_autocast_type(device), dtype=torch.bfloat16, enabled=cfg.bf16):
             logits = model(x)
@@ -164,9 +168,9 @@ def check_device(device: str) -> None:
     except RuntimeError as exc:
         raise RtqError(f"--device {device!r}: {exc}") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise RtqError(f"--device {device}: this torch sees no CUDA device; train with --device cpu")
+        raise RtqError(f"--device {device}: this torch sees no CUDA device; use --device cpu")
     if kind not in ("cpu", "cuda"):
-        raise RtqError(f"--device {device}: rtq train runs on cpu or cuda")
+        raise RtqError(f"--device {device}: training runs on cpu or cuda")
 
 
 class _CtrlC:
@@ -400,7 +404,7 @@ def train(
                 lr = lr_at(cfg, global_step, total_steps, warmup)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                x = _normalize(x, pp, cfg.channels_last, dev)
+                x = normalize_batch(x, pp, cfg.channels_last, dev)
                 y = y.to(dev, non_blocking=True)
                 target = F.one_hot(y, num_classes).float() * (1 - smoothing) + smoothing / num_classes
                 hard = y

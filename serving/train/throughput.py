@@ -27,7 +27,7 @@ from serving.train.data import (
     open_folders,
     train_store_preprocessing,
 )
-from serving.train.loop import _normalize, build_model, eval_preprocessing
+from serving.train.loop import build_model, eval_preprocessing, normalize_batch
 
 
 def _cpu() -> float:
@@ -51,7 +51,7 @@ def measure(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, size: int,
         idx = [(int(j) % len(labels), i * bs + k) for k, j in enumerate(range(i * bs, (i + 1) * bs))]
         batch = [ds[j] for j in idx]
         c1 = _cpu()
-        x = _normalize(torch.stack([b[0] for b in batch]), pp, cfg.channels_last)
+        x = normalize_batch(torch.stack([b[0] for b in batch]), pp, cfg.channels_last)
         y = torch.tensor([b[1] for b in batch])
         lam = 0.8
         x = x.mul(lam).add_(x.flip(0), alpha=1 - lam)
@@ -84,7 +84,7 @@ def measure_eval(cfg: TrainConfig, images: np.ndarray, batches: int) -> dict:
     c = w = 0.0
     n = 0
     for i in range(batches + 1):
-        x = _normalize(torch.from_numpy(np.array(images[i * 64 : (i + 1) * 64])), pp, cfg.channels_last)
+        x = normalize_batch(torch.from_numpy(np.array(images[i * 64 : (i + 1) * 64])), pp, cfg.channels_last)
         t0, c0 = time.perf_counter(), _cpu()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             model(x)

@@ -1,0 +1,139 @@
+"""`rtq bench qat`: PTQ vs QAT vs QAT+KD, with and without progressive bit reduction, per precision.
+
+Every cell is the same student code path (fold, LSQ quantizers, calibration) evaluated fake-quantized
+on the full val split beside the FP32 teacher; PTQ is that path with zero training epochs
+(round-to-nearest on MSE-optimal steps, calibrated activation ranges).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from dataclasses import replace
+from pathlib import Path
+
+from serving.errors import RtqError
+from serving.settings import DATA_ROOT_ENV, PROJECT_ROOT, default_results_dir
+
+METHODS = {
+    "ptq": {"epochs": 0, "kd": False, "progressive": ()},
+    "qat": {"kd": False, "progressive": ()},
+    "qat-kd": {"kd": True, "progressive": ()},
+    "qat-kd-progressive": {"kd": True, "progressive": (8, 4, 2)},
+}
+
+
+def _names(text: str, allowed, what: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown {what} {bad}; expected some of {', '.join(allowed)}")
+    return names
+
+
+def add_arguments(sp: argparse.ArgumentParser) -> None:
+    from serving.qat.loop import PRESETS, QatConfig
+
+    d = QatConfig()
+    sp.add_argument("model", nargs="?", default="efficientnetv2_b0_imagenette")
+    sp.add_argument("--weights", default=None, help="teacher checkpoint (default: the zoo's)")
+    sp.add_argument(
+        "--precisions",
+        type=lambda t: _names(t, PRESETS, "precisions"),
+        default=list(PRESETS),
+        help=f"comma-separated (default: {','.join(PRESETS)})",
+    )
+    sp.add_argument(
+        "--methods",
+        type=lambda t: _names(t, METHODS, "methods"),
+        default=list(METHODS),
+        help=f"comma-separated (default: {','.join(METHODS)})",
+    )
+    sp.add_argument("--epochs", type=int, default=d.epochs, help=f"per trained cell (default: {d.epochs})")
+    sp.add_argument("--batch-size", type=int, default=d.batch_size)
+    sp.add_argument("--max-images", type=int, default=None, help="class-balanced train subset")
+    sp.add_argument("--max-val-images", type=int, default=None, help="class-balanced val subset")
+    sp.add_argument("--data", default="imagenette")
+    sp.add_argument("--data-root", type=Path, default=None, help=f"${DATA_ROOT_ENV} or ../shared/data")
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--workers", type=int, default=1)
+    sp.add_argument("--out", default=str(default_results_dir()), help="results folder (default: %(default)s)")
+    sp.add_argument("-q", "--quiet", action="store_true")
+
+
+def main(args: argparse.Namespace, command: str) -> int:
+    import torch
+
+    from serving.bench.results import write_results
+    from serving.qat.cli import open_qat_data, teacher
+    from serving.qat.loop import QatConfig, preset_plan, run_qat
+    from serving.qat.prepare import progressive_phases
+    from serving.repository.build import machine
+    from serving.train.loop import check_device
+
+    check_device(args.device)
+    torch.set_num_threads(max(1, args.threads))
+    if args.epochs < 1 and any(m != "ptq" for m in args.methods):
+        raise RtqError("--epochs must be at least 1 for the trained methods")
+    loaded = teacher(args.model, args.weights)
+    cache = PROJECT_ROOT / ".cache" / "train" / "data"
+    data = open_qat_data(loaded, args.data, args.data_root, cache, args.max_images, args.max_val_images)
+    base = QatConfig(epochs=args.epochs, batch_size=args.batch_size, max_images=args.max_images)
+    grid = [(p, m) for p in args.precisions for m in args.methods]
+    cells = [(p, m, preset_plan(p), replace(base, **METHODS[m])) for p, m in grid]
+    for _, _, plan, cfg in cells:  # refuse a grid that cannot run before hours of training start
+        if cfg.epochs:
+            progressive_phases(plan, cfg.progressive, cfg.epochs)
+    rows = []
+    for precision, method, plan, cfg in cells:
+        out = PROJECT_ROOT / ".cache" / "qat" / "ablation" / f"{args.model}-{precision}-{method}"
+        print(f"== {precision} {method}", flush=True)
+        res = run_qat(
+            loaded, plan, data, cfg, out, device=args.device, workers=args.workers, command=command,
+            log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)),
+        )  # fmt: skip
+        s = res.summary
+        rows.append({
+            "precision": precision, "method": method, "epochs": cfg.epochs, "kd": cfg.kd,
+            "progressive": list(cfg.progressive), "top1": s["qat_top1"], "top1_fp32": s["fp32_top1"],
+            "delta_pts": s["delta_pp"], "frozen_weights": s["frozen_weights"], "wall_s": s["wall_s"],
+            "val_images": s["val_images"], "history": res.history,
+        })  # fmt: skip
+    now = dt.datetime.now(dt.UTC)
+    payload = {
+        "benchmark": "qat-ablation", "model": args.model, "command": command,
+        "date": now.isoformat(timespec="seconds"), "machine": machine(), "device": args.device,
+        "train_images": len(data.train_labels), "eval_set": data.source, "rows": rows,
+        "note": "fake-quantized top-1 in PyTorch (weights per-channel symmetric, activations per-tensor "
+                "asymmetric at the plan's bits; stem and classifier 8-bit)",
+    }  # fmt: skip
+    write_results(Path(args.out), f"qat-ablation-{args.model}", now, payload, markdown(payload))
+    return 0
+
+
+def markdown(payload: dict) -> str:
+    rows = payload["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fp32 = rows[0]["top1_fp32"] if rows else float("nan")
+    lines = [
+        f"# QAT ablation: {payload['model']}",
+        "",
+        f"- command: `{payload['command']}`",
+        f"- date: {payload['date']}; machine: {payload['machine']['cpu']}, "
+        f"{payload['machine']['cores']} cores; device {payload['device']}",
+        f"- {payload['train_images']} train images; val {rows[0]['val_images'] if rows else 0} images of "
+        f"{payload['eval_set']}; FP32 teacher {100 * fp32:.2f}%",
+        f"- {payload['note']}",
+        "",
+        "| precision | " + " | ".join(methods) + " |",
+        "| --- | " + " | ".join("---:" for _ in methods) + " |",
+    ]
+    for precision in dict.fromkeys(r["precision"] for r in rows):
+        cells = []
+        for m in methods:
+            r = next((r for r in rows if r["precision"] == precision and r["method"] == m), None)
+            cells.append("-" if r is None else f"{100 * r['top1']:.2f} ({r['delta_pts']:+.2f})")
+        lines.append(f"| {precision} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines)
