@@ -12,7 +12,6 @@ import pytest
 from serving.edge.batching import (
     BatchObserver,
     BatchPolicy,
-    BatchTimeModel,
     CannotMeetDeadline,
     Expired,
     ModelBatcher,
@@ -166,10 +165,10 @@ def test_a_deadline_shorter_than_the_queued_work_is_refused_on_arrival(runner):
         assert rec.taken.wait(10)  # held in compute
         for i in (2, 3, 4):
             batcher.submit(Pending(images(8, i), None, rec.done(i)))
-        # 32 images ahead: a deadline of one batch's compute cannot be met, and is told so at once.
-        one_batch = batcher.estimate(8)
-        assert one_batch is not None
-        batcher.submit(Pending(images(1, 5), time.monotonic() + one_batch, rec.done(5)))
+        # 32 images ahead: a deadline of 8 images' compute cannot be met, and is told so at once.
+        per_image = batcher._per_image_s
+        assert per_image is not None
+        batcher.submit(Pending(images(1, 5), time.monotonic() + 8 * per_image, rec.done(5)))
         assert isinstance(rec.answers[5][1], CannotMeetDeadline) and isinstance(rec.answers[5][1], Expired)
         batcher.submit(Pending(images(1, 6), time.monotonic() + 60, rec.done(6)))  # this one can wait
         assert 6 not in rec.answers
@@ -180,8 +179,7 @@ def test_a_deadline_shorter_than_the_queued_work_is_refused_on_arrival(runner):
         deadline = time.monotonic() + 10
         while not batcher.idle() and time.monotonic() < deadline:
             time.sleep(0.005)
-        batcher.batch_time = BatchTimeModel()
-        batcher.batch_time.observe(1, 60.0)
+        batcher._per_image_s = 60.0
         batcher.submit(Pending(images(1, 7), time.monotonic() + 5, rec.done(7)))
         rec.wait(8)
     finally:
@@ -189,50 +187,6 @@ def test_a_deadline_shorter_than_the_queued_work_is_refused_on_arrival(runner):
         batcher.stop()
     assert all(rec.answers[i][1] is None for i in (0, 1, 2, 3, 4, 6, 7))
     assert sum(rec.batches) == 8 * 5 + 2  # the refused image never reached the runtime
-
-
-def test_batch_time_model_separates_overhead_from_per_image_cost():
-    m = BatchTimeModel()
-    assert m.seconds(1) is None
-    for _ in range(30):
-        m.observe(1, 0.010)
-    # Only batch 1 seen: overhead and per-image cost cannot be told apart; scale the mean.
-    assert m.coefficients() == pytest.approx((0.0, 0.010))
-    for n in (1, 6, 3, 6, 2, 6, 1, 4) * 10:
-        m.observe(n, 0.008 + 0.002 * n)
-    a, b = m.coefficients()
-    assert a == pytest.approx(0.008, rel=0.05) and b == pytest.approx(0.002, rel=0.05)
-    assert m.seconds(6) == pytest.approx(0.020, rel=0.05)  # not 6 x t(1) = 0.060
-    noisy = BatchTimeModel()
-    for n, t in ((1, 0.02), (8, 0.01)) * 20:  # larger batches faster: noise, not physics
-        noisy.observe(n, t)
-    a, b = noisy.coefficients()
-    assert a >= 0 and b > 0
-
-
-def test_a_burst_that_one_batch_serves_in_time_is_admitted(runner):
-    """6 frames at once (Locust's synchronized streams): the first computes alone, five wait for one
-    batch. Timed as a + b*n they fit a deadline that 6 x t(1) would have refused."""
-    rec = Recorder()
-    gated = GatedRunner(runner)
-    batcher = ModelBatcher([gated], BatchPolicy(max_batch_size=8), rec.observer())
-    try:
-        for n in (1, 6, 2, 6, 1, 3) * 5:
-            batcher.batch_time.observe(n, 0.010 + 0.002 * n)  # t(1) = 12 ms, t(5) = 20 ms
-        rec.taken.clear()
-        batcher.submit(Pending(images(1, 0), time.monotonic() + 0.045, rec.done(0)))
-        assert rec.taken.wait(10)  # held in compute
-        for i in range(1, 6):
-            batcher.submit(Pending(images(1, i), time.monotonic() + 0.045, rec.done(i)))
-        # At most 12 ms left of the running batch + 20 ms for the five: 32 < 45 ms.
-        assert not any(isinstance(exc, CannotMeetDeadline) for _, exc in rec.answers.values())
-        # A deadline under what is ahead is still refused at once.
-        batcher.submit(Pending(images(1, 6), time.monotonic() + 0.015, rec.done(6)))
-        assert isinstance(rec.answers[6][1], CannotMeetDeadline)
-    finally:
-        gated.gate.set()
-        batcher.stop()
-    assert not any(isinstance(rec.answers[i][1], CannotMeetDeadline) for i in range(6))
 
 
 def test_a_draining_batcher_refuses_new_requests_and_finishes_the_queue(runner):

@@ -10,9 +10,8 @@ arrive faster than the delay (estimated from recent inter-arrival times): under 
 waiting could never fill a batch and would only add the whole delay to every request.
 
 Admission: a full queue refuses at once (QueueFull), and so does a request whose deadline is
-shorter than the work ahead of it (CannotMeetDeadline): the rest of the batch in compute, the
-batches the queue ahead will form, then its own, each timed by `BatchTimeModel`. Under overload the
-excess is refused fast instead of timing out in the queue.
+shorter than the work already queued ahead of it (CannotMeetDeadline, from the recent compute time
+per image): under overload the excess is refused fast instead of timing out in the queue.
 """
 
 from __future__ import annotations
@@ -29,50 +28,8 @@ from serving.runtimes.base import Runner
 
 # Smoothing of the inter-arrival estimate: ~10 recent requests dominate.
 _EWMA = 0.2
-# Weight of the newest batch in the batch-time fit: about the last 20 batches count.
-_COMPUTE_EWMA = 0.05
-
-
-class BatchTimeModel:
-    """Compute time of a batch of n images, t(n) = a + b*n, fitted by least squares over recent batches.
-
-    A per-image average is the wrong model on a CPU: a batch of 6 costs far less than 6 single
-    images (a fixed cost per call, threads better used), so an average learned at batch 1 refused
-    burst frames that one batch would have served in time (Locust, 6 streams x 30 FPS: 39% deadline
-    misses with it, 1.4% with no refusal at all). Until sizes vary enough to separate a from b, t(n)
-    scales the mean per image (pessimistic for large n, which errs towards refusing).
-    """
-
-    def __init__(self, alpha: float = _COMPUTE_EWMA) -> None:
-        self.alpha = alpha
-        self._m: tuple[float, float, float, float] | None = None  # E[n], E[t], E[n^2], E[n*t]
-
-    def observe(self, images: int, seconds: float) -> None:
-        x = (float(images), seconds, float(images) ** 2, images * seconds)
-        if self._m is None:
-            self._m = x
-        else:
-            a = self.alpha
-            self._m = tuple((1 - a) * m + a * v for m, v in zip(self._m, x, strict=True))  # type: ignore[assignment]
-
-    def coefficients(self) -> tuple[float, float] | None:
-        """(a, b) in seconds; None before the first batch."""
-        if self._m is None:
-            return None
-        mn, mt, mnn, mnt = self._m
-        per_image = mt / mn
-        var = mnn - mn * mn
-        if var < 0.05 * mn * mn:  # batch sizes too alike to tell overhead from per-image cost
-            return 0.0, per_image
-        b = (mnt - mn * mt) / var
-        # Noise can give a negative slope or a negative overhead; keep both physical, and never
-        # let an image cost less than a tenth of the mean (that would admit anything).
-        b = min(max(b, 0.1 * per_image), per_image)
-        return mt - b * mn, b
-
-    def seconds(self, images: int) -> float | None:
-        ab = self.coefficients()
-        return None if ab is None else ab[0] + ab[1] * images
+# Smoothing of the compute time per image, for the wait a new request faces.
+_COMPUTE_EWMA = 0.1
 
 
 class QueueFull(Exception):
@@ -136,10 +93,9 @@ class ModelBatcher:
         self._refusing = False  # draining: what is queued runs, nothing new is taken
         self._last_arrival: float | None = None
         self._interarrival = float("inf")
-        self.batch_time = BatchTimeModel()
+        self._per_image_s: float | None = None  # recent compute time per image; None until a batch ran
         self._queued_images = 0
         self._computing_images = 0  # in batches being computed now
-        self._running: dict[int, tuple[float, int]] = {}  # instance thread -> (start, images)
         self._threads = [
             threading.Thread(target=self._loop, args=(r,), name=f"instance-{i}", daemon=True)
             for i, r in enumerate(runners)
@@ -155,12 +111,12 @@ class ModelBatcher:
                 raise QueueFull()
             now = item.enqueued
             ahead = self._computing_images + self._queued_images
-            if item.deadline is not None and ahead:
+            if item.deadline is not None and self._per_image_s is not None and ahead:
                 # Under overload a request that cannot be served in time is told so at once,
                 # instead of waiting out its whole deadline in the queue and being dropped then.
                 # With nothing ahead it always runs: that also keeps the estimate current.
-                wait = self._expected_wait(now, item.size)
-                if wait is not None and now + wait > item.deadline:
+                wait = (ahead + item.size) * self._per_image_s / self.policy.instances
+                if now + wait > item.deadline:
                     item.done(None, CannotMeetDeadline())
                     return
             if self._last_arrival is not None:
@@ -175,30 +131,6 @@ class ModelBatcher:
             self._queued_images += item.size
             self.observer.depth(len(self._queue))
             self._cond.notify_all()
-
-    def _expected_wait(self, now: float, size: int) -> float | None:
-        """Seconds until a new request of `size` images would be answered (lock held)."""
-        ab = self.batch_time.coefficients()
-        if ab is None:
-            return None
-
-        def t(n: int) -> float:
-            return ab[0] + ab[1] * n
-
-        cap, instances = self.policy.max_batch_size, self.policy.instances
-        busy = [start + t(n) - now for start, n in self._running.values()]
-        rest = max(0.0, min(busy)) if len(busy) >= instances else 0.0
-        full, part = divmod(self._queued_images, cap)
-        ahead = full * t(cap)
-        if part + size > cap:  # the partial batch ahead leaves without it
-            ahead += t(part) if part else 0.0
-            part = 0
-        return rest + ahead / instances + t(min(cap, part + size))
-
-    def estimate(self, images: int) -> float | None:
-        """Expected compute seconds of a batch of `images` (None before the first batch)."""
-        with self._cond:
-            return self.batch_time.seconds(images)
 
     def depth(self) -> int:
         with self._cond:
@@ -226,7 +158,7 @@ class ModelBatcher:
             head = self._queue[0]
             # One that would finish after its deadline even if computed now is dropped too when
             # others wait behind it: its client has given up by then, and they can use the compute.
-            late = now + (self.batch_time.seconds(head.size) or 0.0) if len(self._queue) > 1 else now
+            late = now + (self._per_image_s or 0.0) * head.size if len(self._queue) > 1 else now
             if head.deadline is not None and head.deadline <= late:
                 self._queue.popleft()
                 self._queued_images -= head.size
@@ -247,8 +179,6 @@ class ModelBatcher:
         taken = sum(p.size for p in batch)
         self._queued_images -= taken
         self._computing_images += taken
-        if taken:
-            self._running[threading.get_ident()] = (now, taken)
         return batch
 
     def _gather(self) -> list[Pending] | None:
@@ -291,15 +221,18 @@ class ModelBatcher:
             except Exception as exc:  # a runtime failure fails this batch, not the instance
                 with self._cond:
                     self._computing_images -= images
-                    self._running.pop(threading.get_ident(), None)
                 self._settle([(p, None, exc) for p in batch])
                 continue
             seconds = time.monotonic() - start
             self.observer.computed(images, seconds)
             with self._cond:
                 self._computing_images -= images
-                self._running.pop(threading.get_ident(), None)
-                self.batch_time.observe(images, seconds)
+                per_image = seconds / max(1, images)
+                self._per_image_s = (
+                    per_image
+                    if self._per_image_s is None
+                    else (1 - _COMPUTE_EWMA) * self._per_image_s + _COMPUTE_EWMA * per_image
+                )
             offset = 0
             answers = []
             for p in batch:
