@@ -43,10 +43,10 @@ class TrainConfig:
     name: str = DEFAULT_NAME
     timm_name: str = ARCH
     data: str = "imagenette"
-    # 64 epochs from 80 to 144 px cost about what 48 from 96 to 160 do on a CPU (time per image
-    # grows with pixels) and reached higher accuracy in the H200 recipe check
-    # (benchmarks/results/train-recipe-check-h200-20261127.md).
-    epochs: int = 64
+    # 80 -> 144 px was ahead of 96 -> 160 at equal epochs in the H200 recipe check
+    # (benchmarks/results/train-recipe-check-h200-20261127.md) and costs less per epoch; 48 epochs
+    # of it fit in 2 hours here (64 were projected at ~150 min: 113 img/s at 80 px on 2 threads).
+    epochs: int = 48
     stages: int = 4
     min_size: int = 80
     max_size: int = 144
@@ -75,7 +75,7 @@ class TrainConfig:
     eval_size: int = 176
     # Val images evaluated after each epoch (a fixed class-balanced subset; the full set after each
     # stage's last epoch). None: the full set every epoch.
-    val_images_per_epoch: int | None = 1000
+    val_images_per_epoch: int | None = 500
     max_images: int | None = None
     max_val_images: int | None = None
     bf16: bool = True
