@@ -12,7 +12,9 @@ import datetime as dt
 from dataclasses import replace
 from pathlib import Path
 
+from serving.cli import _positive
 from serving.errors import RtqError
+from serving.qat.cli import _nonnegative
 from serving.settings import DATA_ROOT_ENV, PROJECT_ROOT, default_results_dir
 
 METHODS = {
@@ -56,8 +58,8 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--data", default="imagenette")
     sp.add_argument("--data-root", type=Path, default=None, help=f"${DATA_ROOT_ENV} or ../shared/data")
     sp.add_argument("--device", default="cpu")
-    sp.add_argument("--threads", type=int, default=2)
-    sp.add_argument("--workers", type=int, default=1)
+    sp.add_argument("--threads", type=_positive, default=2)
+    sp.add_argument("--workers", type=_nonnegative, default=1)
     sp.add_argument("--out", default=str(default_results_dir()), help="results folder (default: %(default)s)")
     sp.add_argument("-q", "--quiet", action="store_true")
 

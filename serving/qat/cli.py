@@ -7,10 +7,18 @@ import shlex
 import sys
 from pathlib import Path
 
+from serving.cli import _positive
 from serving.errors import RtqError
 from serving.settings import DATA_ROOT_ENV, PROJECT_ROOT
 
 DEFAULT_MODEL = "efficientnetv2_b0_imagenette"
+
+
+def _nonnegative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -83,8 +91,8 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--cache-dir", type=Path, default=None, help="decoded-image cache (default: .cache/train/data)"
     )
     sp.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    sp.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
-    sp.add_argument("--workers", type=int, default=1, help="augmentation worker processes (default: 1)")
+    sp.add_argument("--threads", type=_positive, default=2, help="torch threads (default: 2)")
+    sp.add_argument("--workers", type=_nonnegative, default=1, help="augmentation processes (default: 1)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=main)
     return sp

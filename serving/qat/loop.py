@@ -87,6 +87,11 @@ class QatConfig:
             raise RtqError(f"--progressive widths must be among 2, 3, 4, 6, 8; got {list(self.progressive)}")
         if self.batch_size < 2 or self.lr <= 0 or self.step_lr <= 0 or self.temperature <= 0:
             raise RtqError("--batch-size must be >= 2 and learning rates and temperature positive")
+        if self.calibration_images < 1 or (self.image_size is not None and self.image_size < 8):
+            raise RtqError("--calibration-images must be positive and --image-size at least 8 px")
+        for limit in (self.max_images, self.max_val_images):
+            if limit is not None and limit < 1:
+                raise RtqError(f"image limits must be positive, got {limit}")
 
 
 @dataclass
