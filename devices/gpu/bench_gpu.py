@@ -57,18 +57,6 @@ class Candidate:
     close: Callable[[], None] = lambda: None
 
 
-def percentiles(samples_ns: list[int]) -> dict:
-    ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
-    return {
-        "p50": round(float(np.percentile(ms, 50)), 3),
-        "p90": round(float(np.percentile(ms, 90)), 3),
-        "p99": round(float(np.percentile(ms, 99)), 3),
-        "mean": round(float(ms.mean()), 3),
-        "min": round(float(ms.min()), 3),
-        "runs": len(ms),
-    }
-
-
 def prepare(out: Path, calib_images: int) -> None:
     """CPU side: FP32 ONNX and the TensorRT-ready Q/DQ INT8 ONNX calibrated on imagenet-calib."""
     from serving.export.onnx_export import export_onnx
@@ -192,7 +180,9 @@ def measure(c: Candidate, shape: tuple[int, ...], runs: int, warmup: int, batche
             c.infer(xb)
             n += 1
         tput[str(b)] = round(n * b / (time.perf_counter() - start), 1)
-    return percentiles(samples), tput
+    from serving.bench.offline import latency_percentiles
+
+    return latency_percentiles(samples), tput
 
 
 def top1(c: Candidate, images: np.ndarray, pp, labels: np.ndarray, batch: int = 64) -> np.ndarray:

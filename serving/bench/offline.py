@@ -27,7 +27,7 @@ ROUND = 50
 THROUGHPUT_SECONDS = 1.0
 
 
-def _percentiles(samples_ns: list[int]) -> dict:
+def latency_percentiles(samples_ns: list[int]) -> dict:
     ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
     return {
         "p50": round(float(np.percentile(ms, 50)), 3),
@@ -152,7 +152,7 @@ def run_offline(
                     "precision": m["precision"],
                     "execution_precision": r.execution_precision,
                     "file_bytes": m["file_bytes"],
-                    "latency_ms": _percentiles(s),
+                    "latency_ms": latency_percentiles(s),
                     "throughput_ips": tput,
                     "validity": {"valid": not reasons, "reasons": reasons},
                 }
