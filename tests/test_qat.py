@@ -243,3 +243,14 @@ def test_rtq_bench_qat_writes_the_ablation_table(tmp_path: Path, data_root: Path
     args.epochs = 1  # progressive 8 -> 4 needs two epochs: refused before any training
     with pytest.raises(RtqError, match="cannot cover"):
         ablation.main(args, "pytest")
+    # --collect tabulates finished runs (here the grid's own cells) without training anything.
+    cells = sorted((tmp_path / ".cache" / "qat" / "ablation").iterdir())
+    out = tmp_path / "collected"
+    collected = parser.parse_args(["--collect", *map(str, cells), "--out", str(out)])
+    assert ablation.main(collected, "pytest collect") == 0
+    (cjs,) = out.glob("qat-ablation-*.json")
+    again = json.loads(cjs.read_text())["rows"]
+    assert sorted((r["method"], r["top1"]) for r in again) == sorted((r["method"], r["top1"]) for r in rows)
+    assert all(r["command"] and r["run"] for r in again)
+    with pytest.raises(RtqError, match="no log.json"):
+        ablation.main(parser.parse_args(["--collect", str(tmp_path)]), "pytest")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +24,12 @@ METHODS = {
     "qat-kd": {"kd": True, "progressive": ()},
     "qat-kd-progressive": {"kd": True, "progressive": (8, 4, 2)},
 }
+
+
+NOTE = (
+    "fake-quantized top-1 in PyTorch (weights per-channel symmetric, activations per-tensor asymmetric at "
+    "the plan's bits; stem and classifier 8-bit)"
+)
 
 
 def _names(text: str, allowed, what: str) -> list[str]:
@@ -62,6 +69,44 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--workers", type=_nonnegative, default=1)
     sp.add_argument("--out", default=str(default_results_dir()), help="results folder (default: %(default)s)")
     sp.add_argument("-q", "--quiet", action="store_true")
+    sp.add_argument(
+        "--collect",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="train nothing: tabulate finished `rtq qat --out DIR` runs (their log.json) as one result",
+    )
+
+
+def method_of(config: dict) -> str:
+    """The grid's name for how a run was trained (progressive widths other than 8,4,2 are named)."""
+    if config["epochs"] == 0:
+        return "ptq"
+    if not config["kd"]:
+        return "qat"
+    widths = list(config["progressive"])
+    if not widths:
+        return "qat-kd"
+    return "qat-kd-progressive" if widths == [8, 4, 2] else f"qat-kd-progressive-{'-'.join(map(str, widths))}"
+
+
+def collect(dirs: list[Path]) -> list[dict]:
+    rows = []
+    for d in dirs:
+        log = d / "log.json"
+        if not log.is_file():
+            raise RtqError(f"{d} holds no log.json; pass folders that `rtq qat --out` finished")
+        run = json.loads(log.read_text())
+        s, cfg = run["summary"], run["config"]
+        rows.append({
+            "precision": s["plan"], "method": method_of(cfg), "epochs": cfg["epochs"], "kd": cfg["kd"],
+            "progressive": list(cfg["progressive"]), "image_size": cfg.get("image_size"),
+            "top1": s["qat_top1"], "top1_fp32": s["fp32_top1"], "delta_pts": s["delta_pp"],
+            "frozen_weights": s["frozen_weights"], "wall_s": s["wall_s"], "val_images": s["val_images"],
+            "history": run["history"], "command": run["command"], "run": str(d),
+        })  # fmt: skip
+    return rows
 
 
 def main(args: argparse.Namespace, command: str) -> int:
@@ -69,11 +114,22 @@ def main(args: argparse.Namespace, command: str) -> int:
 
     from serving.bench.results import write_results
     from serving.qat.cli import open_qat_data, teacher
-    from serving.qat.loop import QatConfig, preset_plan, run_qat
+    from serving.qat.loop import QatConfig, evaluate, preset_plan, run_qat
     from serving.qat.prepare import progressive_phases
     from serving.repository.build import machine
     from serving.train.loop import check_device
 
+    if args.collect:
+        rows = collect(args.collect)
+        now = dt.datetime.now(dt.UTC)
+        payload = {
+            "benchmark": "qat-ablation", "model": args.model, "command": command,
+            "date": now.isoformat(timespec="seconds"), "machine": machine(), "device": "see each run",
+            "train_images": "see each run", "eval_set": "the runs' val split", "rows": rows,
+            "note": "collected from finished `rtq qat` runs (each row's command); " + NOTE,
+        }  # fmt: skip
+        write_results(Path(args.out), f"qat-ablation-{args.model}", now, payload, markdown(payload))
+        return 0
     check_device(args.device)
     torch.set_num_threads(max(1, args.threads))
     if args.epochs < 1 and any(m != "ptq" for m in args.methods):
@@ -88,12 +144,13 @@ def main(args: argparse.Namespace, command: str) -> int:
         if cfg.epochs:
             progressive_phases(plan, cfg.progressive, cfg.epochs)
     rows = []
+    fp32 = evaluate(loaded.module.to(args.device).eval(), data, args.device)
     for precision, method, plan, cfg in cells:
         out = PROJECT_ROOT / ".cache" / "qat" / "ablation" / f"{args.model}-{precision}-{method}"
         print(f"== {precision} {method}", flush=True)
         res = run_qat(
             loaded, plan, data, cfg, out, device=args.device, workers=args.workers, command=command,
-            log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)),
+            log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)), fp32=fp32,
         )  # fmt: skip
         s = res.summary
         rows.append({
@@ -107,8 +164,7 @@ def main(args: argparse.Namespace, command: str) -> int:
         "benchmark": "qat-ablation", "model": args.model, "command": command,
         "date": now.isoformat(timespec="seconds"), "machine": machine(), "device": args.device,
         "train_images": len(data.train_labels), "eval_set": data.source, "rows": rows,
-        "note": "fake-quantized top-1 in PyTorch (weights per-channel symmetric, activations per-tensor "
-                "asymmetric at the plan's bits; stem and classifier 8-bit)",
+        "note": NOTE,
     }  # fmt: skip
     write_results(Path(args.out), f"qat-ablation-{args.model}", now, payload, markdown(payload))
     return 0
@@ -137,5 +193,16 @@ def markdown(payload: dict) -> str:
             r = next((r for r in rows if r["precision"] == precision and r["method"] == m), None)
             cells.append("-" if r is None else f"{100 * r['top1']:.2f} ({r['delta_pts']:+.2f})")
         lines.append(f"| {precision} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| precision | method | epochs | crop px | top-1 | Δ pts | weights frozen | wall min | command |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['precision']} | {r['method']} | {r['epochs']} | {r.get('image_size') or 'serving'} | "
+            f"{100 * r['top1']:.2f} | {r['delta_pts']:+.2f} | {r['frozen_weights']} | "
+            f"{r['wall_s'] / 60:.1f} | `{r.get('command', payload['command'])}` |"
+        )
     lines.append("")
     return "\n".join(lines)

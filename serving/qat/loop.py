@@ -182,8 +182,12 @@ def run_qat(
     command: str = "",
     log: Log = print,
     progress: bool = False,
+    fp32: dict | None = None,
 ) -> QatResult:
-    """Train, export the integers and a build plan (`method: qat`) into `out`; return what was written."""
+    """Train, export the integers and a build plan (`method: qat`) into `out`; return what was written.
+
+    `fp32`: the teacher's `evaluate` result on `data` when the caller has it (an ablation grid
+    evaluates the teacher once, not once per cell)."""
     torch.manual_seed(cfg.seed)
     size = cfg.image_size or loaded.spec.preprocessing.resolution
     teacher = loaded.module.to(device).eval()
@@ -205,12 +209,14 @@ def run_qat(
         + ", ".join(f"W{p.weight_bits}A{p.act_bits} x{p.epochs}" for p in phases)
     )
     t_start = time.perf_counter()
-    fp32 = evaluate(teacher, data, device)
+    fp32 = fp32 or evaluate(teacher, data, device)
     log(f"teacher FP32 top-1 {fp32['top1']:.4f} on {fp32['images']} val images")
     history: list[dict] = []
     epoch = 0
+    val = None  # the student's last evaluation, while its bits have not changed since
     for phase in phases:
         set_bits(layers, phase.weight_bits, phase.act_bits)
+        val = None
         if phase.epochs == 0:
             continue
         quant_params = [p for n, p in student.named_parameters() if ".weight_q." in n or ".input_q." in n]
@@ -247,7 +253,7 @@ def run_qat(
                 opt.step()
                 threshold = cfg.freeze_threshold if step >= freeze_from else None
                 frozen = track_oscillations(layers, cfg.osc_momentum, threshold)
-                loss_sum += float(loss) * len(y)
+                loss_sum += float(loss.detach()) * len(y)
                 n_seen += len(y)
                 step += 1
                 if bar is not None:
@@ -274,7 +280,7 @@ def run_qat(
                 f"val top-1 {val['top1']:.4f} (FP32 {fp32['top1']:.4f}), {frozen} weights frozen, "
                 f"{record['images_per_second']:.0f} img/s"
             )
-    final = evaluate(student, data, device)
+    final = val or evaluate(student, data, device)
     summary = {
         "model": loaded.spec.name,
         "plan": plan.name,
