@@ -121,7 +121,7 @@ RECIPES: dict[str, Recipe] = {
         fp32_file=lambda src: src.onnx_fp32(),
         weight_stats=onnx_weight_stats,
         int8_method="onnxruntime.quantization.quantize_static: QDQ, per-channel s8 weights, "
-        "u8 activations, MinMax",
+        "u8 activations, MinMax (per-image extremes averaged where activations are unbounded)",
         lowbit=True,
     ),
     "openvino": Recipe(
