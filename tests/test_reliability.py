@@ -27,11 +27,13 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from serving.bench.stress import (
+    Shot,
     drain_markdown,
     infer_request,
     ledger_under_load,
     overload_markdown,
     probe_capacity,
+    refused_up_front,
     run_overload,
     run_sigterm_under_load,
     run_soak,
@@ -107,6 +109,17 @@ def test_overload_at_twice_capacity_is_refused_fast_and_latency_recovers(small_r
         assert edge.proc.poll() is None
     finally:
         assert edge.stop() == 0
+
+
+def test_a_slow_refusal_still_counts_as_a_refusal_and_a_dropped_request_as_a_miss():
+    """Under overload the refusal itself can come back late (the server's event loop is busy): the
+    edge server's message, not the answer time, says whether the request was ever admitted."""
+    slow = 0.080  # answered 80 ms after sending, past half of a 100 ms SLO
+    assert refused_up_front(Shot(0, 0, slow, "DEADLINE_EXCEEDED", "cannot meet ... refused on arrival"), 100)
+    assert not refused_up_front(Shot(0, 0, 0.010, "DEADLINE_EXCEEDED", "... dropped before compute"), 100)
+    # Without the edge server's words (Triton, or the client's own timeout) the time decides.
+    assert refused_up_front(Shot(0, 0, 0.010, "DEADLINE_EXCEEDED", "Deadline Exceeded"), 100)
+    assert not refused_up_front(Shot(0, 0, slow, "DEADLINE_EXCEEDED", "Deadline Exceeded"), 100)
 
 
 def test_soak_reports_errors_memory_and_drift_per_window(small_repository: Path):
