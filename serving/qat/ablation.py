@@ -100,13 +100,20 @@ def collect(dirs: list[Path]) -> list[dict]:
         run = json.loads(log.read_text())
         s, cfg = run["summary"], run["config"]
         rows.append({
-            "precision": s["plan"], "method": method_of(cfg), "epochs": cfg["epochs"], "kd": cfg["kd"],
-            "progressive": list(cfg["progressive"]), "image_size": cfg.get("image_size"),
+            "model": s["model"], "precision": s["plan"], "method": method_of(cfg), "epochs": cfg["epochs"],
+            "kd": cfg["kd"], "progressive": list(cfg["progressive"]), "image_size": cfg.get("image_size"),
             "top1": s["qat_top1"], "top1_fp32": s["fp32_top1"], "delta_pts": s["delta_pp"],
             "frozen_weights": s["frozen_weights"], "wall_s": s["wall_s"], "val_images": s["val_images"],
             "history": run["history"], "command": run["command"], "run": str(d),
         })  # fmt: skip
-    return rows
+    from serving.qat.loop import PRESETS
+
+    def rank(name: str, order) -> tuple[int, str]:
+        order = list(order)
+        return (order.index(name) if name in order else len(order), name)
+
+    # The grid's order (W8A8 first, PTQ first), whatever order the folders came in.
+    return sorted(rows, key=lambda r: (rank(r["precision"], PRESETS), rank(r["method"], METHODS)))
 
 
 def main(args: argparse.Namespace, command: str) -> int:
@@ -121,11 +128,15 @@ def main(args: argparse.Namespace, command: str) -> int:
 
     if args.collect:
         rows = collect(args.collect)
+        models = sorted({r["model"] for r in rows})
+        if len(models) > 1:
+            raise RtqError(f"the runs are of different models {models}; collect one model's runs at a time")
         now = dt.datetime.now(dt.UTC)
         payload = {
-            "benchmark": "qat-ablation", "model": args.model, "command": command,
+            "benchmark": "qat-ablation", "model": models[0], "command": command,
             "date": now.isoformat(timespec="seconds"), "machine": machine(), "device": "see each run",
-            "train_images": "see each run", "eval_set": "the runs' val split", "rows": rows,
+            "train_images": "all unless a run's command limits them", "eval_set": "the runs' val split",
+            "rows": rows,
             "note": "collected from finished `rtq qat` runs (each row's command); " + NOTE,
         }  # fmt: skip
         write_results(Path(args.out), f"qat-ablation-{args.model}", now, payload, markdown(payload))
@@ -180,7 +191,7 @@ def markdown(payload: dict) -> str:
         f"- command: `{payload['command']}`",
         f"- date: {payload['date']}; machine: {payload['machine']['cpu']}, "
         f"{payload['machine']['cores']} cores; device {payload['device']}",
-        f"- {payload['train_images']} train images; val {rows[0]['val_images'] if rows else 0} images of "
+        f"- train images: {payload['train_images']}; val {rows[0]['val_images'] if rows else 0} images of "
         f"{payload['eval_set']}; FP32 teacher {100 * fp32:.2f}%",
         f"- {payload['note']}",
         "",
