@@ -254,3 +254,7 @@ def test_rtq_bench_qat_writes_the_ablation_table(tmp_path: Path, data_root: Path
     assert all(r["command"] and r["run"] for r in again)
     with pytest.raises(RtqError, match="no log.json"):
         ablation.main(parser.parse_args(["--collect", str(tmp_path)]), "pytest")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "log.json").write_text("{}")
+    with pytest.raises(RtqError, match="not an `rtq qat` log"):
+        ablation.main(parser.parse_args(["--collect", str(tmp_path / "broken")]), "pytest")

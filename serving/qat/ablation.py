@@ -13,9 +13,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from serving.cli import _positive
+from serving.cli import _nonnegative, _positive
 from serving.errors import RtqError
-from serving.qat.cli import _nonnegative
 from serving.settings import DATA_ROOT_ENV, PROJECT_ROOT, default_results_dir
 
 METHODS = {
@@ -97,15 +96,19 @@ def collect(dirs: list[Path]) -> list[dict]:
         log = d / "log.json"
         if not log.is_file():
             raise RtqError(f"{d} holds no log.json; pass folders that `rtq qat --out` finished")
-        run = json.loads(log.read_text())
-        s, cfg = run["summary"], run["config"]
-        rows.append({
-            "model": s["model"], "precision": s["plan"], "method": method_of(cfg), "epochs": cfg["epochs"],
-            "kd": cfg["kd"], "progressive": list(cfg["progressive"]), "image_size": cfg.get("image_size"),
-            "top1": s["qat_top1"], "top1_fp32": s["fp32_top1"], "delta_pts": s["delta_pp"],
-            "frozen_weights": s["frozen_weights"], "wall_s": s["wall_s"], "val_images": s["val_images"],
-            "history": run["history"], "command": run["command"], "run": str(d),
-        })  # fmt: skip
+        try:
+            run = json.loads(log.read_text())
+            s, cfg = run["summary"], run["config"]
+            rows.append({
+                "model": s["model"], "precision": s["plan"], "method": method_of(cfg),
+                "epochs": cfg["epochs"], "kd": cfg["kd"], "progressive": list(cfg["progressive"]),
+                "image_size": cfg.get("image_size"),
+                "top1": s["qat_top1"], "top1_fp32": s["fp32_top1"], "delta_pts": s["delta_pp"],
+                "frozen_weights": s["frozen_weights"], "wall_s": s["wall_s"], "val_images": s["val_images"],
+                "history": run["history"], "command": run["command"], "run": str(d),
+            })  # fmt: skip
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RtqError(f"{log} is not an `rtq qat` log ({type(exc).__name__}: {exc})") from None
     from serving.qat.loop import PRESETS
 
     def rank(name: str, order) -> tuple[int, str]:
@@ -139,7 +142,7 @@ def main(args: argparse.Namespace, command: str) -> int:
             "rows": rows,
             "note": "collected from finished `rtq qat` runs (each row's command); " + NOTE,
         }  # fmt: skip
-        write_results(Path(args.out), f"qat-ablation-{args.model}", now, payload, markdown(payload))
+        write_results(Path(args.out), f"qat-ablation-{models[0]}", now, payload, markdown(payload))
         return 0
     check_device(args.device)
     torch.set_num_threads(max(1, args.threads))

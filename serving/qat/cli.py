@@ -7,18 +7,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from serving.cli import _positive
+from serving.cli import _nonnegative, _positive
 from serving.errors import RtqError
 from serving.settings import DATA_ROOT_ENV, PROJECT_ROOT
 
 DEFAULT_MODEL = "efficientnetv2_b0_imagenette"
-
-
-def _nonnegative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def _widths(text: str) -> tuple[int, ...]:
