@@ -160,6 +160,25 @@ def test_qat_integers_are_what_the_build_serves(tmp_path: Path):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
 
 
+def test_the_integers_file_holds_the_whole_fake_quantized_student(tmp_path: Path):
+    """Weights, steps and the learned input grids: the student rebuilt from the file alone computes
+    what training left (the served-gap diagnosis in README depends on it)."""
+    from serving.qat.integers import load_student
+
+    loaded = _teacher()
+    cfg = QatConfig(epochs=1, progressive=(), batch_size=16, calibration_images=16, image_size=RES, mixup=0.4)
+    result = run_qat(loaded, preset_plan("w4a4"), _data(), cfg, tmp_path / "qat", log=lambda m: None)
+    rebuilt = load_student(loaded, result.integers_path)
+    x = torch.from_numpy(np.random.default_rng(1).normal(size=(4, 3, RES, RES)).astype(np.float32))
+    with torch.no_grad():
+        want, got = result.student.eval()(x), rebuilt(x)
+        plain = _student_from(result, loaded)(x)  # same integers, activations not quantized
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain, want, atol=1e-3)  # the A4 grids are part of what it computes
+    bits = {q.name: q.input_q.bits for q in rebuilt.modules() if hasattr(q, "input_q")}
+    assert bits["conv_stem"] == 8 and bits["blocks.1.0.conv_exp"] == 4
+
+
 def _student_from(result, loaded: LoadedModel):
     """Rebuild the student from the exported file alone: folded teacher + the file's integers."""
     import copy
@@ -185,6 +204,8 @@ def test_qat_plan_and_file_errors(tmp_path: Path):
         parse_plan({"name": "x", "method": "qat"})
     with pytest.raises(RtqError, match="unknown QAT plan"):
         preset_plan("w3a3")
+    with pytest.raises(RtqError, match="--mixup"):
+        QatConfig(mixup=-1.0)
     p = tmp_path / "p.yaml"
     p.write_text(yaml.safe_dump({"name": "w4a8qat", "method": "qat", "qat_file": "missing.npz"}))
     plan = load_plan(p)

@@ -85,9 +85,11 @@ def method_of(config: dict) -> str:
     if not config["kd"]:
         return "qat"
     widths = list(config["progressive"])
+    mix = f"-mixup{config['mixup']:g}" if config.get("mixup") else ""
     if not widths:
-        return "qat-kd"
-    return "qat-kd-progressive" if widths == [8, 4, 2] else f"qat-kd-progressive-{'-'.join(map(str, widths))}"
+        return "qat-kd" + mix
+    prog = "progressive" if widths == [8, 4, 2] else f"progressive-{'-'.join(map(str, widths))}"
+    return f"qat-kd-{prog}{mix}"
 
 
 def collect(dirs: list[Path]) -> list[dict]:

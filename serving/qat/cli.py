@@ -56,6 +56,12 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sp.add_argument(
         "--step-lr", type=float, default=d.step_lr, help=f"step sizes and offsets (default: {d.step_lr})"
     )
+    sp.add_argument(
+        "--mixup",
+        type=float,
+        default=d.mixup,
+        help="Beta alpha of mixup on the training batches, 0 = off (default: 0)",
+    )
     sp.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default: {d.batch_size}")
     sp.add_argument(
         "--image-size", type=int, default=None, help="training crops (default: serving resolution)"
@@ -160,6 +166,7 @@ def main(args: argparse.Namespace) -> int:
         lr=args.lr,
         step_lr=args.step_lr,
         batch_size=args.batch_size,
+        mixup=args.mixup,
         image_size=args.image_size,
         freeze_threshold=args.freeze_threshold,
         calibration_images=args.calibration_images,

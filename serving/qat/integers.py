@@ -1,14 +1,17 @@
 """The integers QAT trained, in one .npz, and their way into the packed-file build.
 
 Per layer: `<name>/q` (int8 values on the layer's grid), `<name>/step` (per output channel),
-`<name>/bias` (float, folded batch norm included) and `<name>/bits`. The build swaps these for the
-exported FP32 graph's weights and biases, so the served graph computes what QAT trained.
+`<name>/bias` (float, folded batch norm included), `<name>/bits`, and the learned input grid
+(`<name>/input_offset`, `<name>/input_log_step`, `<name>/input_bits`). The build swaps the first four
+for the exported FP32 graph's weights and biases, so the served graph computes what QAT trained up to
+its 8-bit activations; `load_student` rebuilds the fake-quantized student itself from the file.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -20,9 +23,17 @@ from serving.quantize.lowbit import QuantizedWeight, WeightQuant
 from serving.quantize.plan import PrecisionPlan
 from serving.quantize.ptq import QuantizedLayer
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from serving.models.zoo import LoadedModel
+
 
 def save_integers(
-    path: Path, layers: dict[str, tuple[QuantizedWeight, np.ndarray | None]], meta: dict
+    path: Path,
+    layers: dict[str, tuple[QuantizedWeight, np.ndarray | None]],
+    meta: dict,
+    input_grids: dict[str, tuple[float, float, int]] | None = None,
 ) -> str:
     """Write the file atomically; return its sha256."""
     arrays: dict[str, np.ndarray] = {"__meta__": np.array(json.dumps(meta))}
@@ -32,6 +43,10 @@ def save_integers(
         arrays[f"{name}/bits"] = np.array(qw.spec.bits, np.int8)
         if bias is not None:
             arrays[f"{name}/bias"] = bias.astype(np.float32)
+    for name, (offset, log_step, bits) in (input_grids or {}).items():
+        arrays[f"{name}/input_offset"] = np.array(offset, np.float32)
+        arrays[f"{name}/input_log_step"] = np.array(log_step, np.float32)
+        arrays[f"{name}/input_bits"] = np.array(bits, np.int8)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.npz")
     np.savez_compressed(tmp, **arrays)
@@ -85,3 +100,41 @@ def load_qat_layers(model: onnx.ModelProto, plan: PrecisionPlan) -> list[Quantiz
             bias = initializer(model, layer.bias)
         out.append(QuantizedLayer(layer, qw, bias))
     return out
+
+
+def load_student(loaded: LoadedModel, path: Path) -> nn.Module:
+    """The fake-quantized student exactly as `rtq qat` left it (folded model, trained integers and
+    steps, learned input grids), to evaluate or compare with what a served variant computes."""
+    import copy
+
+    import torch
+
+    from serving.qat.fold import fold_batchnorm
+    from serving.qat.prepare import prepare
+    from serving.quantize.plan import parse_plan
+
+    by_layer, meta = read_integers(path)
+    plan = parse_plan(meta.get("plan", {}), str(path))
+    model = copy.deepcopy(loaded.module).eval()
+    size = loaded.spec.preprocessing.resolution
+    fold_batchnorm(model, torch.zeros(1, 3, size, size))
+    with torch.no_grad():
+        for q in prepare(model, plan):
+            got = by_layer.get(q.name)
+            if got is None or "input_log_step" not in got:
+                raise RtqError(
+                    f"{path} has no {'integers' if got is None else 'input grid'} for {q.name} "
+                    "(another model, or written before input grids were saved: rerun `rtq qat`)"
+                )
+            w = q.inner.weight
+            step = torch.from_numpy(got["step"]).to(w)
+            w.copy_(torch.from_numpy(got["q"]).to(w) * step.view((-1,) + (1,) * (w.dim() - 1)))
+            if q.inner.bias is not None and "bias" in got:
+                q.inner.bias.copy_(torch.from_numpy(got["bias"]))
+            q.weight_q.bits = int(got["bits"])
+            q.weight_q.log_step.copy_(step.log())
+            a = q.input_q
+            a.bits, a.initialized = int(got["input_bits"]), True
+            a.offset.fill_(float(got["input_offset"]))
+            a.log_step.fill_(float(got["input_log_step"]))
+    return model

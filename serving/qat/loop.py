@@ -71,6 +71,9 @@ class QatConfig:
     batch_size: int = 32
     image_size: int | None = None  # training crops; None: the model's serving resolution
     crop_scale_min: float = 0.35
+    # Beta(a, a) mixup of the batch with itself reversed; 0 = off. With KD it shows the teacher
+    # images it has not memorized, so its soft targets carry more than the label (Beyer et al. 2022).
+    mixup: float = 0.0
     grad_clip: float = 1.0
     freeze_threshold: float | None = 0.02  # oscillation frequency above which a weight is pinned
     osc_momentum: float = 0.99
@@ -85,6 +88,8 @@ class QatConfig:
             raise RtqError(f"--epochs must be 0 or more, got {self.epochs}")
         if any(b not in (2, 3, 4, 6, 8) for b in self.progressive):
             raise RtqError(f"--progressive widths must be among 2, 3, 4, 6, 8; got {list(self.progressive)}")
+        if self.mixup < 0:
+            raise RtqError(f"--mixup must be 0 (off) or a positive Beta alpha, got {self.mixup}")
         if self.batch_size < 2 or self.lr <= 0 or self.step_lr <= 0 or self.temperature <= 0:
             raise RtqError("--batch-size must be >= 2 and learning rates and temperature positive")
         if self.calibration_images < 1 or (self.image_size is not None and self.image_size < 8):
@@ -112,6 +117,7 @@ class QatResult:
     integers_path: Path
     summary: dict
     history: list[dict] = field(default_factory=list)
+    student: nn.Module | None = None  # the fake-quantized model as trained
 
 
 def _normalize(x: torch.Tensor, data: QatData, device: str) -> torch.Tensor:
@@ -130,9 +136,10 @@ def evaluate(model: nn.Module, data: QatData, device: str) -> dict:
     return {"top1": correct / n, "images": n, "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _loss(student_logits, teacher_logits, y, cfg: QatConfig) -> torch.Tensor:
+def _loss(student_logits, teacher_logits, y, cfg: QatConfig, lam: float = 1.0) -> torch.Tensor:
     if not cfg.kd:
-        return F.cross_entropy(student_logits, y)
+        ce = F.cross_entropy(student_logits, y)
+        return ce if lam == 1.0 else lam * ce + (1 - lam) * F.cross_entropy(student_logits, y.flip(0))
     t = cfg.temperature
     return F.kl_div(
         F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
@@ -213,6 +220,7 @@ def run_qat(
     log(f"teacher FP32 top-1 {fp32['top1']:.4f} on {fp32['images']} val images")
     history: list[dict] = []
     epoch = 0
+    mix_rng = np.random.default_rng(cfg.seed)
     val = None  # the student's last evaluation, while its bits have not changed since
     for phase in phases:
         set_bits(layers, phase.weight_bits, phase.act_bits)
@@ -243,10 +251,13 @@ def run_qat(
                     g["lr"] = lr * _lr_factor(step, total)
                 x = _normalize(x, data, device)
                 y = y.to(device)
+                lam = float(mix_rng.beta(cfg.mixup, cfg.mixup)) if cfg.mixup > 0 else 1.0
+                if lam != 1.0:
+                    x = lam * x + (1 - lam) * x.flip(0)
                 with torch.no_grad():
                     t_logits = teacher(x) if cfg.kd else None
                 s_logits = student(x)
-                loss = _loss(s_logits, t_logits, y, cfg)
+                loss = _loss(s_logits, t_logits, y, cfg, lam)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
@@ -298,6 +309,7 @@ def run_qat(
         f"({summary['delta_pp']:+.2f} pp) in {summary['wall_s'] / 60:.1f} min"
     )
     result = export(loaded, plan, layers, cfg, data, summary, history, out, command, device)
+    result.student = student
     return result
 
 
@@ -328,9 +340,13 @@ def export(
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__},
     }
-    sha = save_integers(integers, {q.name: q.quantized() for q in layers}, meta)
+    sha = save_integers(
+        integers, {q.name: q.quantized() for q in layers}, meta, {q.name: q.input_grid() for q in layers}
+    )
     kd = "QAT+KD" if cfg.kd else "QAT"
     prog = "progressive " + "->".join(str(b) for b in cfg.progressive) if cfg.progressive else "direct"
+    if cfg.mixup:
+        prog += f", mixup {cfg.mixup:g}"
     deploy = {
         "name": name,
         "method": "qat",

@@ -60,6 +60,11 @@ class QuantLayer(nn.Module):
         bias = self.inner.bias.detach().float().cpu().numpy() if self.inner.bias is not None else None
         return qw, bias
 
+    def input_grid(self) -> tuple[float, float, int]:
+        """The learned grid of this layer's input: offset, log step, bits."""
+        q = self.input_q
+        return float(q.offset.detach()), float(q.log_step.detach()), q.bits
+
 
 def _layer_info(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     modules = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
