@@ -88,7 +88,7 @@ class QatConfig:
             raise RtqError(f"--epochs must be 0 or more, got {self.epochs}")
         if any(b not in (2, 3, 4, 6, 8) for b in self.progressive):
             raise RtqError(f"--progressive widths must be among 2, 3, 4, 6, 8; got {list(self.progressive)}")
-        if self.mixup < 0:
+        if not math.isfinite(self.mixup) or self.mixup < 0:
             raise RtqError(f"--mixup must be 0 (off) or a positive Beta alpha, got {self.mixup}")
         if self.batch_size < 2 or self.lr <= 0 or self.step_lr <= 0 or self.temperature <= 0:
             raise RtqError("--batch-size must be >= 2 and learning rates and temperature positive")
