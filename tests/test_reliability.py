@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 from serving.bench.stress import (
     Shot,
     drain_markdown,
+    drain_result,
     infer_request,
     ledger_under_load,
     overload_markdown,
@@ -141,6 +142,29 @@ def test_soak_reports_errors_memory_and_drift_per_window(small_repository: Path)
 
 
 # -- SIGTERM under load --------------------------------------------------------------------------
+def test_drain_verdict_follows_what_the_client_saw_not_send_order():
+    """Large requests share one HTTP/2 connection, so request 5 can arrive (and be accepted) before
+    request 4 arrives and is refused: that is no violation. Accepting a request sent after a refusal
+    had come back is one."""
+    ledger = [
+        (0, 0.0, 0.9, "OK", ""),  # backlog: sent before the signal at 0.5, answered after it
+        (1, 0.1, 1.0, "OK", ""),
+        (2, 0.2, 1.1, "OK", ""),
+        (3, 0.3, 1.2, "OK", ""),
+        (4, 0.6, 0.62, "UNAVAILABLE", "server is shutting down"),
+        (5, 0.6, 1.3, "OK", ""),  # sent beside 4, arrived before it
+        (6, 0.7, 0.71, "UNAVAILABLE", "server is shutting down"),
+    ]
+    r = drain_result(ledger, "m", 10.0, 8, signalled=0.5, exited=1.5, exit_code=0)
+    assert all(r.checks().values()), r.checks()
+    assert (r.backlog_served, r.answered_ok, r.refused_unavailable) == (4, 5, 2)
+    late = [*ledger, (7, 0.8, 0.9, "OK", "")]  # sent after the refusal at 0.62 came back
+    r = drain_result(late, "m", 10.0, 8, signalled=0.5, exited=1.5, exit_code=0)
+    assert r.ok_after_first_refusal == 1 and not r.checks()["no acceptance after the first refusal"]
+    lost = [(k, s, f, "CANCELLED" if k == 2 else c, d) for k, s, f, c, d in ledger]
+    assert drain_result(lost, "m", 10.0, 8, 0.5, 1.5, 0).lost == {"CANCELLED": 1}
+
+
 def test_sigterm_under_load_answers_every_accepted_request(small_repository: Path):
     """`rtq serve` gets SIGTERM with a backlog queued: every accepted request is answered OK, every
     later one is refused UNAVAILABLE, and the process exits 0."""
