@@ -105,6 +105,11 @@ def test_bad_input_is_one_line_and_exit_2(small_repository: Path, tmp_path: Path
         assert line.startswith("rtq: error:") and message in line, line
     proc = rtq("eval", "x", "--limit", "0", check=False)
     assert proc.returncode == 2 and "positive integer" in proc.stderr
+    for bad in ("0", "1.5", "nan"):
+        proc = rtq("serve", "--admit-within", bad, check=False)
+        assert proc.returncode == 2 and "in (0, 1]" in proc.stderr, proc.stderr
+    proc = rtq("serve", "--compute-nice", "20", check=False)
+    assert proc.returncode == 2 and "--compute-nice" in proc.stderr, proc.stderr
 
 
 def test_bench_offline_writes_json_and_markdown_with_verdicts(small_repository: Path, tmp_path: Path):

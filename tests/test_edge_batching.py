@@ -189,6 +189,41 @@ def test_a_deadline_shorter_than_the_queued_work_is_refused_on_arrival(runner):
     assert sum(rec.batches) == 8 * 5 + 2  # the refused image never reached the runtime
 
 
+@pytest.mark.parametrize("fraction, admitted", [(0.5, False), (1.0, True)])
+def test_admission_keeps_slack_for_varying_batch_times(runner, fraction: float, admitted: bool):
+    """A deadline the estimate alone would just meet is refused unless the policy admits right up
+    to the deadline: a queue filled to the edge misses whenever a batch runs a little slow."""
+    rec = Recorder()
+    gated = GatedRunner(runner)
+    gated.gate.set()
+    batcher = ModelBatcher([gated], BatchPolicy(max_batch_size=8, admit_fraction=fraction), rec.observer())
+    try:
+        batcher.submit(Pending(images(8, 0), None, rec.done(0)))  # teaches the batcher a batch's time
+        rec.wait(1)
+        gated.gate.clear()
+        rec.taken.clear()
+        batcher.submit(Pending(images(8, 1), None, rec.done(1)))
+        assert rec.taken.wait(10)  # held in compute
+        batcher.submit(Pending(images(8, 2), None, rec.done(2)))
+        per_image = batcher._per_image_s
+        assert per_image is not None
+        predicted = (16 + 1) * per_image
+        batcher.submit(Pending(images(1, 3), time.monotonic() + 1.3 * predicted, rec.done(3)))
+        if admitted:
+            assert 3 not in rec.answers
+        else:
+            assert isinstance(rec.answers[3][1], CannotMeetDeadline)
+    finally:
+        gated.gate.set()
+        batcher.stop()
+
+
+def test_admit_fraction_outside_zero_to_one_is_refused():
+    for bad in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="admit_fraction"):
+            BatchPolicy(max_batch_size=8, admit_fraction=bad)
+
+
 def test_a_draining_batcher_refuses_new_requests_and_finishes_the_queue(runner):
     rec = Recorder()
     gated = GatedRunner(runner)

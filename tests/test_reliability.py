@@ -96,10 +96,13 @@ def test_overload_at_twice_capacity_is_refused_fast_and_latency_recovers(small_r
         # The server refused the excess itself (its own counters), up front rather than at the deadline.
         server_refused = sum(r.server_answers.get(c, 0) for c in ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"))
         assert server_refused > 0 and sum(r.refused_by_code.values()) > 0, r.server_answers
-        assert r.refusal_p50_ms is not None and r.refusal_p50_ms < 25, r.refusal_p50_ms
-        # No collapse: the admitted work still ran during the burst, most of it in time.
+        # Compute runs below the event loop's priority, so a refusal does not wait for a core
+        # (1.2-1.7 ms p50 measured here; 53-64 ms before, with the event loop at the same priority).
+        assert r.refusal_p50_ms is not None and r.refusal_p50_ms < 10, r.refusal_p50_ms
+        # No collapse: the admitted work still ran during the burst, and admission left enough
+        # slack that it ran in time (0-9 of ~600 late here; 40% when admitting up to the deadline).
         assert r.overload_answered_ok >= 0.3 * cap.throughput_rps * 4, r.overload_answered_ok
-        assert r.overload_missed_deadline <= r.overload_admitted / 2
+        assert r.overload_missed_deadline <= 0.1 * r.overload_admitted, r.overload_missed_deadline
         assert r.recovery_s is not None and r.recovery_s <= 3.5, r.recovery_p99_ms
         c = grpcclient.InferenceServerClient(edge.url)
         assert c.infer(ORT, fp32(np.zeros((1, 3, 224, 224), np.float32))).as_numpy("logits").shape == (

@@ -35,6 +35,24 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
         help="intra-op threads per instance (default: each config.pbtxt's)",
     )
     sp.add_argument(
+        "--compute-nice",
+        type=int,
+        choices=range(0, 20),
+        default=10,
+        metavar="0-19",
+        help="inference threads run this much below the gRPC loop's priority, so admission and "
+        "refusals stay fast when compute fills the cores (Linux; 0: same priority; default: %(default)s)",
+    )
+    sp.add_argument(
+        "--admit-within",
+        type=_fraction,
+        default=0.5,
+        metavar="FRACTION",
+        help="admit a request only if the work queued ahead is predicted to take at most this "
+        "fraction of its remaining deadline; the rest is slack for varying batch times "
+        "(1: admit right up to the deadline; default: %(default)s)",
+    )
+    sp.add_argument(
         "--max-queue",
         type=int,
         default=64,
@@ -66,6 +84,16 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--json", action="store_true", help="log startup and model states as JSON lines")
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:  # also false for NaN
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def serve_main(args: argparse.Namespace) -> int:
     from serving.edge.auth import read_token
     from serving.edge.server import EdgeConfig, EdgeServer
@@ -89,6 +117,8 @@ def serve_main(args: argparse.Namespace) -> int:
         tls_client_ca=args.tls_client_ca,
         models=args.models,
         threads=args.threads,
+        compute_nice=args.compute_nice,
+        admit_fraction=args.admit_within,
         grace_s=args.grace,
     )
 

@@ -27,11 +27,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from serving.edge.batching import BatchObserver, BatchPolicy, ModelBatcher
 from serving.edge.metrics import EdgeMetrics
+from serving.edge.priority import call_lowered
 from serving.errors import RtqError
 from serving.models.preprocessing import Preprocessing
 from serving.repository.layout import CONFIG, VERSION, list_variants, open_variant
 from serving.repository.triton_config import LABELS_FILE, read_config
 from serving.runtimes import open_runner
+from serving.runtimes.base import Runner
 
 DEFAULT_MAX_QUEUE = 64
 # Where each native config keeps the runtime's thread count (ORT, OpenVINO, LiteRT).
@@ -177,7 +179,7 @@ class ServedModel:
         return self.config.output[0].name
 
 
-def policy_of(cfg: mc.ModelConfig, default_max_queue: int) -> BatchPolicy:
+def policy_of(cfg: mc.ModelConfig, default_max_queue: int, admit_fraction: float = 0.5) -> BatchPolicy:
     db = cfg.dynamic_batching if cfg.HasField("dynamic_batching") else None
     max_queue = default_max_queue
     if db is not None and db.default_queue_policy.max_queue_size > 0:
@@ -188,6 +190,7 @@ def policy_of(cfg: mc.ModelConfig, default_max_queue: int) -> BatchPolicy:
         max_queue_delay_s=db.max_queue_delay_microseconds / 1e6 if db else 0.0,
         max_queue_size=max_queue,
         instances=max(1, sum(g.count for g in cfg.instance_group) or 1),
+        admit_fraction=admit_fraction,
     )
 
 
@@ -232,6 +235,8 @@ def load_model(
     metrics: EdgeMetrics,
     default_max_queue: int,
     threads_override: int | None = None,
+    compute_nice: int = 0,
+    admit_fraction: float = 0.5,
 ) -> ServedModel:
     """Open one variant; never raises for a broken variant, returns it not-ready with the reason."""
     served = ServedModel(name=name, version=VERSION, labels=("", "", ""))
@@ -247,7 +252,7 @@ def load_model(
             raise RtqError(f"{CONFIG} declares no input or no output")
         labels_path = variant.root / LABELS_FILE
         served.class_names = tuple(labels_path.read_text().splitlines()) if labels_path.is_file() else ()
-        policy = policy_of(served.config, default_max_queue)
+        policy = policy_of(served.config, default_max_queue, admit_fraction)
         threads = threads_override or threads_of(served.config, variant.manifest)
         warm = np.zeros((1, *served.image_shape), dtype=np.float32)
         watched = _variant_files(variant.root)
@@ -257,12 +262,20 @@ def load_model(
             version_dir = variant.model_path.parent
             shutil.copytree(version_dir, snapshot / version_dir.name, dirs_exist_ok=True)
             model_path = snapshot / version_dir.name / variant.model_path.name
+
+            def open_warm() -> Runner:
+                manifest = variant.manifest
+                runner = open_runner(manifest["backend"], model_path, manifest["precision"], threads)
+                try:
+                    runner.infer(warm)  # first inference compiles kernels; keep it off the first request
+                except BaseException:
+                    runner.close()
+                    raise
+                return runner
+
             for _ in range(policy.instances):
-                runner = open_runner(
-                    variant.manifest["backend"], model_path, variant.manifest["precision"], threads
-                )
-                runners.append(runner)
-                runner.infer(warm)  # first inference compiles kernels; keep it off the first request
+                # Created from a lowered thread, so the runtime's worker threads start lowered too.
+                runners.append(call_lowered(open_warm, compute_nice))
         except Exception as exc:  # name the repository's file, not the snapshot that is gone
             text = str(exc).replace(str(snapshot / version_dir.name), str(version_dir))
             if not isinstance(exc, RtqError):
@@ -275,7 +288,9 @@ def load_model(
         problem = served.watch.problem()
         if problem:
             raise RtqError(problem)
-        served.batcher = ModelBatcher(runners, policy, _observer(metrics, served.labels, served.stats))
+        served.batcher = ModelBatcher(
+            runners, policy, _observer(metrics, served.labels, served.stats), nice=compute_nice
+        )
         served.reason = ""
     except RtqError as exc:
         served.reason = str(exc)
@@ -297,11 +312,15 @@ def load_repository(
     only: list[str] | None = None,
     threads: int | None = None,
     on_loaded: Callable[[ServedModel], None] | None = None,
+    compute_nice: int = 0,
+    admit_fraction: float = 0.5,
 ) -> dict[str, ServedModel]:
     names = only or list_variants(repository)
     models: dict[str, ServedModel] = {}
     for name in names:
-        served = load_model(repository, name, metrics, default_max_queue, threads)
+        served = load_model(
+            repository, name, metrics, default_max_queue, threads, compute_nice, admit_fraction
+        )
         models[name] = served
         if on_loaded:
             on_loaded(served)

@@ -8,6 +8,7 @@ foreground until SIGTERM/SIGINT, then stops taking requests, lets in-flight ones
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import threading
 import time
@@ -43,6 +44,8 @@ class EdgeConfig:
     tls_client_ca: Path | None = None  # set: mutual TLS, clients need a certificate signed by this CA
     models: list[str] | None = None  # None: every variant of the repository
     threads: int | None = None  # None: each config's intra-op threads
+    compute_nice: int = 10  # inference threads this far below the event loop (serving/edge/priority.py)
+    admit_fraction: float = 0.5  # of its remaining time, a request's predicted wait may use (batching.py)
     grace_s: float = 10.0
     handler_threads: int = 4  # image decoding pool
     # How often each loaded variant's files are compared with what was loaded (None: never).
@@ -123,7 +126,7 @@ class EdgeServer:
                 ) from None
             self.metrics_port = self._metrics_http.server_port
 
-    def _load(self, on_loaded: Callable[[ServedModel], None] | None) -> None:
+    def _load(self, on_loaded: Callable[[ServedModel], None] | None, owns_process: bool) -> None:
         def publish(m: ServedModel) -> None:
             self.models[m.name] = m
             if on_loaded:
@@ -136,7 +139,16 @@ class EdgeServer:
             only=list(self.models),
             threads=self.config.threads,
             on_loaded=publish,
+            compute_nice=self.config.compute_nice,
+            admit_fraction=self.config.admit_fraction,
         )
+        if owns_process:
+            # A full collection walks every object the runtimes' imports and the models left behind
+            # (>100 ms under load here, with the interpreter lock held: every request in flight
+            # stalls behind it). Those live as long as the process, so they leave the collector's
+            # view. Not done for a server embedded in another program, whose heap is not ours.
+            gc.collect()
+            gc.freeze()
         self.service.loading_done = True
         self.loaded.set()
 
@@ -154,7 +166,9 @@ class EdgeServer:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self._stopped.set)
         self._started.set()
-        loader = threading.Thread(target=self._load, args=(on_loaded,), name="loader", daemon=True)
+        loader = threading.Thread(
+            target=self._load, args=(on_loaded, install_signals), name="loader", daemon=True
+        )
         loader.start()
         if self.config.watch_interval_s:
             threading.Thread(target=self._watch, name="file-watch", daemon=True).start()
