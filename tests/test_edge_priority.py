@@ -9,59 +9,62 @@ from pathlib import Path
 
 import pytest
 
-from serving.edge.priority import call_lowered, nice_of_current_thread
-from serving.edge.server import EdgeConfig, EdgeServer
+from serving.bench.stress import start_edge_process
+from serving.edge.priority import lower_current_thread, nice_of_current_thread
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 
 ORT = "efficientnet_lite0-int8-onnxruntime"
+OV = "efficientnet_lite0-int8-openvino"
 
 
-def _nice_by_thread() -> dict[int, int]:
-    out = {}
-    for task in Path("/proc/self/task").iterdir():
+def _threads(pid: int) -> list[tuple[str, int]]:
+    """(name, nice) of every thread of a process."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            out[int(task.name)] = os.getpriority(os.PRIO_PROCESS, int(task.name))
-        except (ProcessLookupError, OSError):
+            name = (task / "comm").read_text().strip()
+            out.append((name, os.getpriority(os.PRIO_PROCESS, int(task.name))))
+        except (ProcessLookupError, FileNotFoundError, OSError):
             continue  # ended while listed
     return out
 
 
-def test_call_lowered_runs_lowered_and_threads_it_starts_inherit():
+def test_a_lowered_thread_starts_lowered_threads_and_leaves_its_caller_alone():
     base = nice_of_current_thread()
     seen: list[int] = []
 
-    def work() -> int:
+    def work() -> None:
+        lower_current_thread(3)
+        seen.append(nice_of_current_thread())
         t = threading.Thread(target=lambda: seen.append(nice_of_current_thread()))
         t.start()
         t.join()
-        return nice_of_current_thread()
+        lower_current_thread(100)  # capped, not an error
+        seen.append(nice_of_current_thread())
 
-    assert call_lowered(work, 3) == min(19, base + 3) and seen == [min(19, base + 3)]
-    assert nice_of_current_thread() == base  # the caller itself is untouched
-    assert call_lowered(work, 0) == base  # 0: runs right here
-
-    def fail() -> None:
-        raise KeyError("boom")
-
-    with pytest.raises(KeyError, match="boom"):
-        call_lowered(fail, 3)
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen == [min(19, base + 3), min(19, base + 3), 19]
+    assert nice_of_current_thread() == base
 
 
-def test_served_model_computes_lowered_while_the_event_loop_does_not(small_repository: Path):
-    base = nice_of_current_thread()
-    before = set(_nice_by_thread())
-    srv = EdgeServer(
-        EdgeConfig(small_repository, grpc_port=0, metrics_port=None, models=[ORT], compute_nice=7)
-    )
-    srv.start()
+def test_rtq_serve_computes_lowered_while_grpc_and_the_event_loop_do_not(small_repository: Path):
+    """OpenVINO's import forks (telemetry) and gRPC restarts its threads from the forking thread:
+    the server imports the runtimes before lowering, so gRPC's threads keep their priority."""
+    edge = start_edge_process(small_repository, [ORT, OV])
     try:
-        new = {tid: n for tid, n in _nice_by_thread().items() if tid not in before}
-        lowered = [tid for tid, n in new.items() if n == min(19, base + 7)]
-        # The instance thread and ONNX Runtime's intra-op pool (2 threads: the caller + 1 worker).
-        assert len(lowered) >= 2, new
-        # gRPC's threads and the event loop answer at the caller's priority.
-        assert any(n == base for n in new.values()), new
-        assert srv.models[ORT].ready
+        base = nice_of_current_thread()  # what `rtq serve` started with, from this thread
+        threads = _threads(edge.proc.pid)
+        lowered = [name for name, n in threads if n == min(19, base + 10)]
+        # Two instance threads, ONNX Runtime's intra-op worker and OpenVINO's workers.
+        assert len(lowered) >= 3, threads
+        grpc_threads = [
+            (name, n) for name, n in threads if name.startswith(("event_engine", "grpc", "lifeguard"))
+        ]
+        assert grpc_threads and all(n == base for _, n in grpc_threads), grpc_threads
+        # The main thread runs the event loop (`rtq serve`): not lowered.
+        assert os.getpriority(os.PRIO_PROCESS, edge.proc.pid) == base
     finally:
-        srv.stop()
+        edge.stop()

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serving.edge.priority import lower_current_thread
 from serving.runtimes.base import Runner
 
 # Smoothing of the inter-arrival estimate: ~10 recent requests dominate.
@@ -90,20 +89,12 @@ class BatchObserver:
 
 
 class ModelBatcher:
-    def __init__(
-        self,
-        runners: list[Runner],
-        policy: BatchPolicy,
-        observer: BatchObserver | None = None,
-        nice: int = 0,
-    ):
-        """`nice`: how far below the caller's priority the instance threads run (see priority.py)."""
+    def __init__(self, runners: list[Runner], policy: BatchPolicy, observer: BatchObserver | None = None):
         if not runners:
             raise ValueError("a batcher needs at least one runner")
         self.policy = policy
         self.observer = observer or BatchObserver()
         self._runners = runners
-        self._nice = nice
         self._queue: deque[Pending] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -217,7 +208,6 @@ class ModelBatcher:
             return batch
 
     def _loop(self, runner: Runner) -> None:
-        lower_current_thread(self._nice)
         while True:
             batch = self._gather()
             if batch is None:

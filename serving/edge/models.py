@@ -27,13 +27,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from serving.edge.batching import BatchObserver, BatchPolicy, ModelBatcher
 from serving.edge.metrics import EdgeMetrics
-from serving.edge.priority import call_lowered
 from serving.errors import RtqError
 from serving.models.preprocessing import Preprocessing
 from serving.repository.layout import CONFIG, VERSION, list_variants, open_variant
 from serving.repository.triton_config import LABELS_FILE, read_config
-from serving.runtimes import open_runner
-from serving.runtimes.base import Runner
+from serving.runtimes import open_runner, runner_class
 
 DEFAULT_MAX_QUEUE = 64
 # Where each native config keeps the runtime's thread count (ORT, OpenVINO, LiteRT).
@@ -235,7 +233,6 @@ def load_model(
     metrics: EdgeMetrics,
     default_max_queue: int,
     threads_override: int | None = None,
-    compute_nice: int = 0,
     admit_fraction: float = 0.5,
 ) -> ServedModel:
     """Open one variant; never raises for a broken variant, returns it not-ready with the reason."""
@@ -262,20 +259,12 @@ def load_model(
             version_dir = variant.model_path.parent
             shutil.copytree(version_dir, snapshot / version_dir.name, dirs_exist_ok=True)
             model_path = snapshot / version_dir.name / variant.model_path.name
-
-            def open_warm() -> Runner:
-                manifest = variant.manifest
-                runner = open_runner(manifest["backend"], model_path, manifest["precision"], threads)
-                try:
-                    runner.infer(warm)  # first inference compiles kernels; keep it off the first request
-                except BaseException:
-                    runner.close()
-                    raise
-                return runner
-
             for _ in range(policy.instances):
-                # Created from a lowered thread, so the runtime's worker threads start lowered too.
-                runners.append(call_lowered(open_warm, compute_nice))
+                runner = open_runner(
+                    variant.manifest["backend"], model_path, variant.manifest["precision"], threads
+                )
+                runners.append(runner)
+                runner.infer(warm)  # first inference compiles kernels; keep it off the first request
         except Exception as exc:  # name the repository's file, not the snapshot that is gone
             text = str(exc).replace(str(snapshot / version_dir.name), str(version_dir))
             if not isinstance(exc, RtqError):
@@ -288,9 +277,7 @@ def load_model(
         problem = served.watch.problem()
         if problem:
             raise RtqError(problem)
-        served.batcher = ModelBatcher(
-            runners, policy, _observer(metrics, served.labels, served.stats), nice=compute_nice
-        )
+        served.batcher = ModelBatcher(runners, policy, _observer(metrics, served.labels, served.stats))
         served.reason = ""
     except RtqError as exc:
         served.reason = str(exc)
@@ -305,6 +292,15 @@ def load_model(
     return served
 
 
+def import_runtimes(repository: Path, names: list[str]) -> None:
+    """Import the runtime of each variant's backend now; a failure is load_model's to report."""
+    for name in names:
+        try:
+            runner_class(open_variant(repository, name).manifest["backend"])
+        except Exception:  # noqa: BLE001, S112 - reported with its variant when it loads
+            continue
+
+
 def load_repository(
     repository: Path,
     metrics: EdgeMetrics,
@@ -312,15 +308,12 @@ def load_repository(
     only: list[str] | None = None,
     threads: int | None = None,
     on_loaded: Callable[[ServedModel], None] | None = None,
-    compute_nice: int = 0,
     admit_fraction: float = 0.5,
 ) -> dict[str, ServedModel]:
     names = only or list_variants(repository)
     models: dict[str, ServedModel] = {}
     for name in names:
-        served = load_model(
-            repository, name, metrics, default_max_queue, threads, compute_nice, admit_fraction
-        )
+        served = load_model(repository, name, metrics, default_max_queue, threads, admit_fraction)
         models[name] = served
         if on_loaded:
             on_loaded(served)

@@ -3,7 +3,8 @@
 When a model saturates the cores, the event loop (admission, refusals, answers) otherwise waits for
 a scheduler slice behind the compute threads: under overload a refusal then takes tens of ms
 instead of about one. Linux keeps a nice value per thread and a new thread inherits its creator's,
-so a runtime session created from a lowered thread starts its worker pool lowered too.
+so the server lowers the one thread that loads the models: the runtimes' worker pools and the
+batchers' instance threads it starts run lowered, the event loop and gRPC's threads do not.
 """
 
 from __future__ import annotations
@@ -11,10 +12,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable
-from typing import TypeVar
-
-T = TypeVar("T")
 
 MAX_NICE = 19
 
@@ -26,28 +23,6 @@ def lower_current_thread(by: int) -> None:
         return
     tid = threading.get_native_id()
     os.setpriority(os.PRIO_PROCESS, tid, min(MAX_NICE, os.getpriority(os.PRIO_PROCESS, tid) + by))
-
-
-def call_lowered(fn: Callable[[], T], by: int) -> T:
-    """fn() on a new thread lowered by `by`; its result, or its exception raised here."""
-    if by <= 0:
-        return fn()
-    box: list = []
-
-    def run() -> None:
-        lower_current_thread(by)
-        try:
-            box.append((True, fn()))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller as is
-            box.append((False, exc))
-
-    t = threading.Thread(target=run, name="lowered-load", daemon=True)
-    t.start()
-    t.join()
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
 
 
 def nice_of_current_thread() -> int:

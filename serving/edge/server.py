@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry
 
 from serving.edge.auth import TokenCheck, server_credentials
 from serving.edge.metrics import EdgeMetrics, serve_metrics
-from serving.edge.models import DEFAULT_MAX_QUEUE, ServedModel, load_repository
+from serving.edge.models import DEFAULT_MAX_QUEUE, ServedModel, import_runtimes, load_repository
+from serving.edge.priority import lower_current_thread
 from serving.edge.service import InferenceService, generic_handler
 from serving.errors import RtqError
 from serving.repository.layout import list_variants
@@ -127,6 +128,13 @@ class EdgeServer:
             self.metrics_port = self._metrics_http.server_port
 
     def _load(self, on_loaded: Callable[[ServedModel], None] | None, owns_process: bool) -> None:
+        # `import openvino` starts a telemetry thread that forks a process, and gRPC restarts its
+        # own threads after a fork from the forking thread: imported first, neither inherits the
+        # lowered priority. Every thread that computes is started below: the runtimes' worker
+        # pools and the batchers' instance threads run lowered (priority.py).
+        import_runtimes(self.config.repository, list(self.models))
+        lower_current_thread(self.config.compute_nice)
+
         def publish(m: ServedModel) -> None:
             self.models[m.name] = m
             if on_loaded:
@@ -139,7 +147,6 @@ class EdgeServer:
             only=list(self.models),
             threads=self.config.threads,
             on_loaded=publish,
-            compute_nice=self.config.compute_nice,
             admit_fraction=self.config.admit_fraction,
         )
         if owns_process:
