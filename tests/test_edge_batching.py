@@ -18,6 +18,7 @@ from serving.edge.batching import (
     ModelStopped,
     Pending,
     QueueFull,
+    wait_correction,
 )
 from serving.repository.layout import open_variant
 from serving.runtimes import open_runner
@@ -213,6 +214,49 @@ def test_admission_keeps_slack_for_varying_batch_times(runner, fraction: float, 
             assert 3 not in rec.answers
         else:
             assert isinstance(rec.answers[3][1], CannotMeetDeadline)
+    finally:
+        gated.gate.set()
+        batcher.stop()
+
+
+def test_wait_correction_is_a_bounded_high_quantile_of_actual_over_predicted():
+    assert wait_correction([]) == 1.0
+    assert wait_correction([0.5, 0.7]) == 1.0  # early finishes never loosen admission
+    assert wait_correction([1.0] * 80 + [2.0] * 20) == 2.0  # the slowest 20% set it
+    assert wait_correction([1.0] * 95 + [3.0] * 5) == 1.0  # the slowest 5% do not
+    assert wait_correction([50.0]) == 4.0
+
+
+def test_admission_learns_from_predictions_that_ran_late(runner):
+    """A request that queued behind another and finished far later than predicted makes the next
+    predictions count for more: a deadline the raw prediction fits twice over is refused."""
+    rec = Recorder()
+    gated = GatedRunner(runner)
+    gated.gate.set()
+    batcher = ModelBatcher([gated], BatchPolicy(max_batch_size=8), rec.observer())
+    try:
+        batcher.submit(Pending(images(8, 0), None, rec.done(0)))  # teaches the batcher a batch's time
+        rec.wait(1)
+        gated.gate.clear()
+        rec.taken.clear()
+        batcher.submit(Pending(images(8, 1), None, rec.done(1)))
+        assert rec.taken.wait(10)
+        batcher.submit(Pending(images(8, 2), None, rec.done(2)))  # predicted: 16 images of compute
+        time.sleep(0.5)  # ... but the batch ahead is held far longer
+        gated.gate.set()
+        rec.wait(3)
+        assert batcher._correction == 4.0
+        deadline = time.monotonic() + 10
+        while not batcher.idle() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        gated.gate.clear()
+        rec.taken.clear()
+        batcher.submit(Pending(images(8, 3), None, rec.done(3)))
+        assert rec.taken.wait(10)
+        per_image = batcher._per_image_s
+        assert per_image is not None
+        batcher.submit(Pending(images(1, 4), time.monotonic() + 2 * 9 * per_image, rec.done(4)))
+        assert isinstance(rec.answers[4][1], CannotMeetDeadline)
     finally:
         gated.gate.set()
         batcher.stop()

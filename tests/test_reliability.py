@@ -100,7 +100,7 @@ def test_overload_at_twice_capacity_is_refused_fast_and_latency_recovers(small_r
         # (1.2-1.7 ms p50 measured here; 53-64 ms before, with the event loop at the same priority).
         assert r.refusal_p50_ms is not None and r.refusal_p50_ms < 10, r.refusal_p50_ms
         # No collapse: the admitted work still ran during the burst, and admission left enough
-        # slack that it ran in time (0-9 of ~600 late here; 40% when admitting up to the deadline).
+        # slack that it ran in time (0-32 of ~650 late here; 40% with an uncorrected prediction).
         assert r.overload_answered_ok >= 0.3 * cap.throughput_rps * 4, r.overload_answered_ok
         assert r.overload_missed_deadline <= 0.1 * r.overload_admitted, r.overload_missed_deadline
         assert r.recovery_s is not None and r.recovery_s <= 3.5, r.recovery_p99_ms

@@ -46,11 +46,11 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--admit-within",
         type=_fraction,
-        default=0.5,
+        default=1.0,
         metavar="FRACTION",
-        help="admit a request only if the work queued ahead is predicted to take at most this "
-        "fraction of its remaining deadline; the rest is slack for varying batch times "
-        "(1: admit right up to the deadline; default: %(default)s)",
+        help="admit a request only if the work queued ahead is predicted (and corrected by how "
+        "recent predictions erred) to take at most this fraction of its remaining deadline "
+        "(default: %(default)s)",
     )
     sp.add_argument(
         "--max-queue",

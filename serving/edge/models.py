@@ -177,7 +177,7 @@ class ServedModel:
         return self.config.output[0].name
 
 
-def policy_of(cfg: mc.ModelConfig, default_max_queue: int, admit_fraction: float = 0.5) -> BatchPolicy:
+def policy_of(cfg: mc.ModelConfig, default_max_queue: int, admit_fraction: float = 1.0) -> BatchPolicy:
     db = cfg.dynamic_batching if cfg.HasField("dynamic_batching") else None
     max_queue = default_max_queue
     if db is not None and db.default_queue_policy.max_queue_size > 0:
@@ -233,7 +233,7 @@ def load_model(
     metrics: EdgeMetrics,
     default_max_queue: int,
     threads_override: int | None = None,
-    admit_fraction: float = 0.5,
+    admit_fraction: float = 1.0,
 ) -> ServedModel:
     """Open one variant; never raises for a broken variant, returns it not-ready with the reason."""
     served = ServedModel(name=name, version=VERSION, labels=("", "", ""))
@@ -308,7 +308,7 @@ def load_repository(
     only: list[str] | None = None,
     threads: int | None = None,
     on_loaded: Callable[[ServedModel], None] | None = None,
-    admit_fraction: float = 0.5,
+    admit_fraction: float = 1.0,
 ) -> dict[str, ServedModel]:
     names = only or list_variants(repository)
     models: dict[str, ServedModel] = {}

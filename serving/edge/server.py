@@ -46,7 +46,7 @@ class EdgeConfig:
     models: list[str] | None = None  # None: every variant of the repository
     threads: int | None = None  # None: each config's intra-op threads
     compute_nice: int = 10  # inference threads this far below the event loop (serving/edge/priority.py)
-    admit_fraction: float = 0.5  # of its remaining time, a request's predicted wait may use (batching.py)
+    admit_fraction: float = 1.0  # of its remaining time, a request's corrected predicted wait may use
     grace_s: float = 10.0
     handler_threads: int = 4  # image decoding pool
     # How often each loaded variant's files are compared with what was loaded (None: never).
