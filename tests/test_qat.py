@@ -240,6 +240,7 @@ def test_rtq_bench_qat_writes_the_ablation_table(tmp_path: Path, data_root: Path
     if not (data_root / "imagenette" / "train").is_dir():
         pytest.skip(f"no imagenette at {data_root}")
     import json
+    import shutil
 
     import serving.models.zoo as zoo
     from serving.qat import ablation
@@ -273,6 +274,17 @@ def test_rtq_bench_qat_writes_the_ablation_table(tmp_path: Path, data_root: Path
     again = json.loads(cjs.read_text())["rows"]
     assert sorted((r["method"], r["top1"]) for r in again) == sorted((r["method"], r["top1"]) for r in rows)
     assert all(r["command"] and r["run"] for r in again)
+    # The same cell trained for longer: both runs are named with their epochs.
+    longer = tmp_path / "longer"
+    shutil.copytree(cells[-1], longer)
+    log = json.loads((longer / "log.json").read_text())
+    log["config"]["epochs"] = 6
+    (longer / "log.json").write_text(json.dumps(log))
+    both = parser.parse_args(["--collect", str(cells[-1]), str(longer), "--out", str(out)])
+    assert ablation.main(both, "pytest collect") == 0
+    newest = max(out.glob("qat-ablation-*.json"), key=lambda f: f.stat().st_mtime_ns)
+    named = sorted(r["method"] for r in json.loads(newest.read_text())["rows"])
+    assert named == ["qat-kd-progressive-2ep", "qat-kd-progressive-6ep"], named
     with pytest.raises(RtqError, match="no log.json"):
         ablation.main(parser.parse_args(["--collect", str(tmp_path)]), "pytest")
     (tmp_path / "broken").mkdir()

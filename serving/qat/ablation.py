@@ -111,6 +111,14 @@ def collect(dirs: list[Path]) -> list[dict]:
             })  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RtqError(f"{log} is not an `rtq qat` log ({type(exc).__name__}: {exc})") from None
+    # Runs that differ only in length share a cell name: each is named with its epochs then.
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["precision"], r["method"]), []).append(r)
+    for same in groups.values():
+        if len({r["epochs"] for r in same}) > 1:
+            for r in same:
+                r["method"] = f"{r['method']}-{r['epochs']}ep"
     from serving.qat.loop import PRESETS
 
     def rank(name: str, order) -> tuple[int, str]:
