@@ -660,7 +660,11 @@ class DrainResult:
     def checks(self) -> dict[str, bool]:
         return {
             "0 accepted requests lost": not self.lost,
-            "new requests refused with UNAVAILABLE": self.refused_unavailable > 0 and not self.refused_other,
+            # gRPC's stop() cancels a call that reached the socket but no handler as the port closes:
+            # a new request, refused all the same, and at most one on a connection.
+            "new requests refused with UNAVAILABLE (<= 1 CANCELLED at close)": self.refused_unavailable > 0
+            and set(self.refused_other) <= {"CANCELLED"}
+            and sum(self.refused_other.values()) <= 1,
             "a real backlog was drained": self.backlog_served > 0,
             "no acceptance after the first refusal": self.ok_after_first_refusal == 0,
             "exit code 0": self.exit_code == 0,
