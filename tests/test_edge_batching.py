@@ -79,6 +79,23 @@ def images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, 224, 224), dtype=np.float32)
 
 
+def teach_then_hold(batcher: ModelBatcher, rec: Recorder, gated: GatedRunner) -> None:
+    """Request 0 (8 images) runs, so the batcher knows a batch's time; request 1 (8 images) is then
+    held in compute until the gate opens."""
+    batcher.submit(Pending(images(8, 0), None, rec.done(0)))
+    rec.wait(1)
+    gated.gate.clear()
+    rec.taken.clear()
+    batcher.submit(Pending(images(8, 1), None, rec.done(1)))
+    assert rec.taken.wait(10)
+
+
+def wait_idle(batcher: ModelBatcher, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not batcher.idle() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def test_queued_requests_form_preferred_batches_in_fifo_order(runner):
     rec = Recorder()
     # A long queue delay: the batch waits for a preferred size while requests keep arriving.
@@ -158,12 +175,7 @@ def test_a_deadline_shorter_than_the_queued_work_is_refused_on_arrival(runner):
     gated.gate.set()
     batcher = ModelBatcher([gated], BatchPolicy(max_batch_size=8), rec.observer())
     try:
-        batcher.submit(Pending(images(8, 0), None, rec.done(0)))  # teaches the batcher a batch's time
-        rec.wait(1)
-        gated.gate.clear()
-        rec.taken.clear()
-        batcher.submit(Pending(images(8, 1), None, rec.done(1)))
-        assert rec.taken.wait(10)  # held in compute
+        teach_then_hold(batcher, rec, gated)
         for i in (2, 3, 4):
             batcher.submit(Pending(images(8, i), None, rec.done(i)))
         # 32 images ahead: a deadline of 8 images' compute cannot be met, and is told so at once.
@@ -177,9 +189,7 @@ def test_a_deadline_shorter_than_the_queued_work_is_refused_on_arrival(runner):
         rec.wait(7)
         # Nothing ahead: it always runs, however slow the estimate says it is (an estimate that
         # refused everything would never see a batch again to correct itself).
-        deadline = time.monotonic() + 10
-        while not batcher.idle() and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_idle(batcher)
         batcher._per_image_s = 60.0
         batcher.submit(Pending(images(1, 7), time.monotonic() + 5, rec.done(7)))
         rec.wait(8)
@@ -199,12 +209,7 @@ def test_admission_keeps_slack_for_varying_batch_times(runner, fraction: float, 
     gated.gate.set()
     batcher = ModelBatcher([gated], BatchPolicy(max_batch_size=8, admit_fraction=fraction), rec.observer())
     try:
-        batcher.submit(Pending(images(8, 0), None, rec.done(0)))  # teaches the batcher a batch's time
-        rec.wait(1)
-        gated.gate.clear()
-        rec.taken.clear()
-        batcher.submit(Pending(images(8, 1), None, rec.done(1)))
-        assert rec.taken.wait(10)  # held in compute
+        teach_then_hold(batcher, rec, gated)
         batcher.submit(Pending(images(8, 2), None, rec.done(2)))
         per_image = batcher._per_image_s
         assert per_image is not None
@@ -235,20 +240,13 @@ def test_admission_learns_from_predictions_that_ran_late(runner):
     gated.gate.set()
     batcher = ModelBatcher([gated], BatchPolicy(max_batch_size=8), rec.observer())
     try:
-        batcher.submit(Pending(images(8, 0), None, rec.done(0)))  # teaches the batcher a batch's time
-        rec.wait(1)
-        gated.gate.clear()
-        rec.taken.clear()
-        batcher.submit(Pending(images(8, 1), None, rec.done(1)))
-        assert rec.taken.wait(10)
+        teach_then_hold(batcher, rec, gated)
         batcher.submit(Pending(images(8, 2), None, rec.done(2)))  # predicted: 16 images of compute
         time.sleep(0.5)  # ... but the batch ahead is held far longer
         gated.gate.set()
         rec.wait(3)
         assert batcher._correction == 4.0
-        deadline = time.monotonic() + 10
-        while not batcher.idle() and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_idle(batcher)
         gated.gate.clear()
         rec.taken.clear()
         batcher.submit(Pending(images(8, 3), None, rec.done(3)))
@@ -282,9 +280,7 @@ def test_a_draining_batcher_refuses_new_requests_and_finishes_the_queue(runner):
         assert not batcher.idle()
         gated.gate.set()
         rec.wait(2)
-        deadline = time.monotonic() + 10
-        while not batcher.idle() and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_idle(batcher)
         assert batcher.idle()
     finally:
         gated.gate.set()
