@@ -30,6 +30,7 @@ from serving.bench.stress import (
     Shot,
     drain_markdown,
     drain_result,
+    histogram_quantile,
     infer_request,
     ledger_under_load,
     overload_markdown,
@@ -99,6 +100,10 @@ def test_overload_at_twice_capacity_is_refused_fast_and_latency_recovers(small_r
         # Compute runs below the event loop's priority, so a refusal does not wait for a core
         # (1.2-1.7 ms p50 measured here; 53-64 ms before, with the event loop at the same priority).
         assert r.refusal_p50_ms is not None and r.refusal_p50_ms < 10, r.refusal_p50_ms
+        # The server timed its own refusals (received -> status sent): each one it counted by code,
+        # except requests that waited in the queue and expired there (not refusals).
+        assert 0 < r.server_refusals <= server_refused, (r.server_refusals, r.server_answers)
+        assert r.server_refusal_p99_ms is not None and r.server_refused_within_limit_pct is not None
         # No collapse: the admitted work still ran during the burst, and admission left enough
         # slack that it ran in time (0-32 of ~650 late here; 40% with an uncorrected prediction).
         assert r.overload_answered_ok >= 0.3 * cap.throughput_rps * 4, r.overload_answered_ok
@@ -113,6 +118,17 @@ def test_overload_at_twice_capacity_is_refused_fast_and_latency_recovers(small_r
         assert edge.proc.poll() is None
     finally:
         assert edge.stop() == 0
+
+
+def test_histogram_quantile_interpolates_like_prometheus():
+    inf = float("inf")
+    assert histogram_quantile(0.99, {0.001: 0, 0.005: 0, inf: 0}) is None
+    # 100 observations: 50 up to 1 ms, 98 up to 5 ms, 2 beyond: p50 at the first edge, p99 in +Inf.
+    buckets = {0.001: 50, 0.005: 98, inf: 100}
+    assert histogram_quantile(0.5, buckets) == 0.001
+    assert histogram_quantile(0.75, buckets) == pytest.approx(0.001 + 0.004 * 25 / 48)
+    assert histogram_quantile(0.99, buckets) == 0.005  # beyond the last finite edge: that edge
+    assert histogram_quantile(0.25, buckets) == pytest.approx(0.0005)
 
 
 def test_a_slow_refusal_still_counts_as_a_refusal_and_a_dropped_request_as_a_miss():

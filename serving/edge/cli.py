@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from serving.edge.batching import DEFAULT_ADMIT_FRACTION
+
 
 def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
@@ -46,7 +48,7 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--admit-within",
         type=_fraction,
-        default=1.0,
+        default=DEFAULT_ADMIT_FRACTION,
         metavar="FRACTION",
         help="admit a request only if the work queued ahead is predicted (and corrected by how "
         "recent predictions erred) to take at most this fraction of its remaining deadline "

@@ -61,6 +61,14 @@ class EdgeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.refusal_seconds = Histogram(
+            "rtq_refusal_duration_seconds",
+            "ModelInfer requests refused without compute (queue full, deadline out of reach, shutting "
+            "down), from request received to the status sent",
+            (*LABELS, "code"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.queue_seconds = Histogram(
             "rtq_queue_duration_seconds",
             "Time a request waited in its model's batching queue",

@@ -19,16 +19,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from serving.edge.batching import BatchObserver, BatchPolicy, ModelBatcher
+from serving.edge.batching import DEFAULT_ADMIT_FRACTION, BatchObserver, BatchPolicy, ModelBatcher
 from serving.edge.metrics import EdgeMetrics
 from serving.errors import RtqError
-from serving.models.preprocessing import Preprocessing
+from serving.models.preprocessing import Preprocessing, normalize
 from serving.repository.layout import CONFIG, VERSION, list_variants, open_variant
 from serving.repository.triton_config import LABELS_FILE, read_config
 from serving.runtimes import open_runner, runner_class
@@ -164,6 +164,12 @@ class ServedModel:
     def preprocessing(self) -> Preprocessing:
         return Preprocessing.from_dict(self.manifest["preprocessing"])
 
+    @cached_property
+    def normalize(self) -> Callable[[np.ndarray], np.ndarray]:
+        """uint8 pixels -> the model's float input; one object per model, so the batcher can tell
+        that a batch of uint8 requests shares it and normalise them in one pass."""
+        return partial(normalize, pp=self.preprocessing)
+
     @property
     def input_name(self) -> str:
         return self.config.input[0].name
@@ -177,7 +183,9 @@ class ServedModel:
         return self.config.output[0].name
 
 
-def policy_of(cfg: mc.ModelConfig, default_max_queue: int, admit_fraction: float = 1.0) -> BatchPolicy:
+def policy_of(
+    cfg: mc.ModelConfig, default_max_queue: int, admit_fraction: float = DEFAULT_ADMIT_FRACTION
+) -> BatchPolicy:
     db = cfg.dynamic_batching if cfg.HasField("dynamic_batching") else None
     max_queue = default_max_queue
     if db is not None and db.default_queue_policy.max_queue_size > 0:
@@ -233,7 +241,7 @@ def load_model(
     metrics: EdgeMetrics,
     default_max_queue: int,
     threads_override: int | None = None,
-    admit_fraction: float = 1.0,
+    admit_fraction: float = DEFAULT_ADMIT_FRACTION,
 ) -> ServedModel:
     """Open one variant; never raises for a broken variant, returns it not-ready with the reason."""
     served = ServedModel(name=name, version=VERSION, labels=("", "", ""))
@@ -308,7 +316,7 @@ def load_repository(
     only: list[str] | None = None,
     threads: int | None = None,
     on_loaded: Callable[[ServedModel], None] | None = None,
-    admit_fraction: float = 1.0,
+    admit_fraction: float = DEFAULT_ADMIT_FRACTION,
 ) -> dict[str, ServedModel]:
     names = only or list_variants(repository)
     models: dict[str, ServedModel] = {}

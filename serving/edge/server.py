@@ -20,6 +20,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from serving.edge.auth import TokenCheck, server_credentials
+from serving.edge.batching import DEFAULT_ADMIT_FRACTION
 from serving.edge.metrics import EdgeMetrics, serve_metrics
 from serving.edge.models import DEFAULT_MAX_QUEUE, ServedModel, import_runtimes, load_repository
 from serving.edge.priority import lower_current_thread
@@ -46,7 +47,7 @@ class EdgeConfig:
     models: list[str] | None = None  # None: every variant of the repository
     threads: int | None = None  # None: each config's intra-op threads
     compute_nice: int = 10  # inference threads this far below the event loop (serving/edge/priority.py)
-    admit_fraction: float = 1.0  # of its remaining time, a request's corrected predicted wait may use
+    admit_fraction: float = DEFAULT_ADMIT_FRACTION  # serving/edge/batching.py: admission
     grace_s: float = 10.0
     handler_threads: int = 4  # image decoding pool
     # How often each loaded variant's files are compared with what was loaded (None: never).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -22,6 +23,7 @@ from serving.edge.batching import CannotMeetDeadline, Expired, ModelStopped, Pen
 from serving.edge.metrics import UNKNOWN, EdgeMetrics
 from serving.edge.models import ServedModel
 from serving.edge.tensors import (
+    Refused,
     RequestError,
     classification,
     decode_images,
@@ -212,7 +214,11 @@ class InferenceService:
         except RequestError as exc:
             code = exc.code
             self._record(served, labels, code, start, inflight)
-            await context.abort(exc.code, exc.message)
+            try:
+                await context.abort(exc.code, exc.message)
+            finally:  # abort returns (raising) once the status is on its way: that is the refusal time
+                if isinstance(exc, Refused):
+                    self.metrics.refusal_seconds.labels(*labels, code.name).observe(time.monotonic() - start)
         except asyncio.CancelledError:
             # gRPC cancels the handler when the client's deadline passes or the client goes away.
             expired = deadline is not None and time.monotonic() >= deadline - 0.002
@@ -264,7 +270,7 @@ class InferenceService:
             raise invalid(f"input '{tensor.name}': both raw_input_contents and typed contents; send one")
         max_batch = max(1, cfg.max_batch_size)
         if tensor.datatype in ("FP32", "UINT8"):
-            batch = numeric_input(tensor, raw, served.image_shape, served.preprocessing, max_batch)
+            batch = numeric_input(tensor, raw, served.image_shape, max_batch)
         elif tensor.datatype == "BYTES":
             images = image_bytes(tensor, raw, max_batch)
             loop = asyncio.get_running_loop()
@@ -281,10 +287,9 @@ class InferenceService:
         outputs = self._requested_outputs(served, request)
 
         if deadline is not None and time.monotonic() >= deadline:
-            raise RequestError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was queued"
-            )
-        logits = await self._submit(served, batch, deadline, start)
+            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was queued")
+        prepare = served.normalize if batch.dtype == np.uint8 else None
+        logits = await self._submit(served, batch, deadline, start, prepare)
 
         if truth is not None:
             top1 = logits.argmax(axis=1)
@@ -319,7 +324,14 @@ class InferenceService:
             chosen.append((out.name, k))
         return chosen
 
-    async def _submit(self, served: ServedModel, batch: np.ndarray, deadline: float | None, start: float):
+    async def _submit(
+        self,
+        served: ServedModel,
+        batch: np.ndarray,
+        deadline: float | None,
+        start: float,
+        prepare: Callable[[np.ndarray], np.ndarray] | None,
+    ):
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
 
@@ -334,22 +346,22 @@ class InferenceService:
             loop.call_soon_threadsafe(settle, result, exc)
 
         try:
-            served.batcher.submit(Pending(batch, deadline, done))
+            served.batcher.submit(Pending(batch, deadline, done, prepare=prepare))
+        except CannotMeetDeadline:
+            raise Refused(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "cannot meet the deadline: the work queued ahead takes longer; refused on arrival",
+            ) from None
         except QueueFull:
-            raise RequestError(
+            raise Refused(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"model '{served.name}' queue is full ({served.batcher.policy.max_queue_size} "
                 "requests); retry with backoff or add instances",
             ) from None
         except ModelStopped:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down") from None
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "server is shutting down") from None
         try:
             return await future
-        except CannotMeetDeadline:
-            raise RequestError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                "cannot meet the deadline: the work queued ahead takes longer; refused on arrival",
-            ) from None
         except Expired:
             waited = 1000 * (time.monotonic() - start)
             raise RequestError(

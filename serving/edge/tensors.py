@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from serving.errors import RtqError
-from serving.models.preprocessing import Preprocessing, load_image, normalize, preprocess
+from serving.models.preprocessing import Preprocessing, load_image, preprocess
 
 _DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
 SUPPORTED = ("FP32", "UINT8", "BYTES")
@@ -45,6 +45,11 @@ class RequestError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class Refused(RequestError):
+    """Turned away without compute so the admitted requests keep their latency: queue full, a
+    deadline out of reach, shutting down. Its answer time is the server's refusal time."""
 
 
 def invalid(message: str) -> RequestError:
@@ -91,10 +96,9 @@ def batch_size(
     return n
 
 
-def numeric_input(
-    tensor, raw: bytes | None, image_shape: tuple[int, ...], pp: Preprocessing, max_batch_size: int
-) -> np.ndarray:
-    """FP32 or UINT8 tensor -> float32 NCHW, normalised and finite."""
+def numeric_input(tensor, raw: bytes | None, image_shape: tuple[int, ...], max_batch_size: int) -> np.ndarray:
+    """FP32 or UINT8 tensor -> NCHW array, checked: FP32 finite and as sent (already normalised),
+    UINT8 as sent (pixels; the caller normalises them, off the event loop)."""
     name, datatype = tensor.name, tensor.datatype
     n = batch_size(tensor.shape, name, datatype, image_shape, max_batch_size)
     shape = (n, *image_shape)
@@ -120,7 +124,7 @@ def numeric_input(
         else:
             arr = np.asarray(typed, dtype=np.float32).reshape(shape)
     if datatype == "UINT8":
-        return normalize(arr, pp)
+        return arr
     flat = arr.reshape(-1)
     # A dot product is NaN/Inf whenever any element is (and ~4x cheaper than isfinite().all());
     # only then, or on overflow of huge finite values, is the exact element-wise check run.
