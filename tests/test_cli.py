@@ -24,6 +24,19 @@ def test_help_lists_the_subcommands():
     assert "offline" in rtq("bench", "--help").stdout
 
 
+def test_building_the_cli_imports_no_framework():
+    """Every command (the edge server included) builds the whole parser: a framework imported there
+    (torch: ~300 MB resident) would weigh on all of them."""
+    code = (
+        "import sys; from serving.cli import parser; parser(); "
+        "print(sorted(m for m in ('torch', 'timm', 'openvino', 'onnxruntime', 'nncf', 'matplotlib', "
+        "'locust') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
 def test_models_json():
     rows = json.loads(rtq("models", "--json").stdout)
     assert {r["model"] for r in rows} >= {

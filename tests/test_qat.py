@@ -14,10 +14,11 @@ import yaml
 
 from serving.errors import RtqError
 from serving.models.zoo import LoadedModel, get_spec
+from serving.qat.config import QatConfig, preset_plan
 from serving.qat.fake_quant import ActFakeQuant, WeightFakeQuant
 from serving.qat.fold import fold_batchnorm
 from serving.qat.integers import load_qat_layers
-from serving.qat.loop import QatConfig, QatData, preset_plan, run_qat
+from serving.qat.loop import QatData, run_qat
 from serving.qat.prepare import calibrate, prepare, progressive_phases, set_bits
 from serving.quantize.plan import load_plan, parse_plan
 from serving.quantize.ptq import fake_quantized, logits

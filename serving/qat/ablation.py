@@ -40,7 +40,7 @@ def _names(text: str, allowed, what: str) -> list[str]:
 
 
 def add_arguments(sp: argparse.ArgumentParser) -> None:
-    from serving.qat.loop import PRESETS, QatConfig
+    from serving.qat.config import PRESETS, QatConfig
 
     d = QatConfig()
     sp.add_argument("model", nargs="?", default="efficientnetv2_b0_imagenette")
@@ -119,7 +119,7 @@ def collect(dirs: list[Path]) -> list[dict]:
         if len({r["epochs"] for r in same}) > 1:
             for r in same:
                 r["method"] = f"{r['method']}-{r['epochs']}ep"
-    from serving.qat.loop import PRESETS
+    from serving.qat.config import PRESETS
 
     def rank(name: str, order) -> tuple[int, str]:
         order = list(order)
@@ -134,7 +134,8 @@ def main(args: argparse.Namespace, command: str) -> int:
 
     from serving.bench.results import write_results
     from serving.qat.cli import open_qat_data, teacher
-    from serving.qat.loop import QatConfig, evaluate, preset_plan, run_qat
+    from serving.qat.config import QatConfig, preset_plan
+    from serving.qat.loop import evaluate, run_qat
     from serving.qat.prepare import progressive_phases
     from serving.repository.build import machine
     from serving.train.loop import check_device

@@ -26,7 +26,7 @@ def _widths(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from serving.qat.loop import PRESETS, QatConfig
+    from serving.qat.config import PRESETS, QatConfig
 
     d = QatConfig()
     sp.description = (
@@ -98,7 +98,7 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def resolve_plan(text: str):
-    from serving.qat.loop import PRESETS, preset_plan
+    from serving.qat.config import PRESETS, preset_plan
     from serving.quantize.plan import load_plan
 
     if text in PRESETS:
@@ -148,7 +148,8 @@ def teacher(model: str, weights: str | None):
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from serving.qat.loop import QatConfig, run_qat
+    from serving.qat.config import QatConfig
+    from serving.qat.loop import run_qat
     from serving.train.loop import check_device
 
     argv = sys.argv[1:]
