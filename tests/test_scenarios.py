@@ -93,6 +93,18 @@ def test_server_and_streams_searches_stop_and_agree_with_their_runs(target, fram
     assert all(r.metrics["deadline_miss_rate"] < 0.01 for r in runs if r.valid)
 
 
+def test_streams_tell_the_server_each_frames_deadline(target, frames):
+    """Past capacity a camera's stale frames are refused or dropped by the server (DEADLINE_EXCEEDED,
+    counted as misses) instead of queueing ahead of fresh ones: told a 10 s deadline instead, the
+    queue filled and every frame missed (p99 ~300 ms at 2x capacity)."""
+    s = sc.TestSettings("streams", streams=8, fps=50, min_duration_s=1.0, warmup_s=0.3, min_query_count=50)
+    r = sc.run_streams(target, frames, s)
+    m = r.metrics
+    assert m["error_codes"].get("DEADLINE_EXCEEDED", 0) > 0, m["error_codes"]
+    assert m["p99_ms"] is not None and m["p99_ms"] < 1000 / 50 + 15, m["p99_ms"]
+    assert not m["unanswered_at_end"]
+
+
 def test_unreachable_server_and_unknown_model_are_one_clear_error(edge):
     with pytest.raises(RtqError, match="unreachable"):
         sc.Target("127.0.0.1:9", OV)
