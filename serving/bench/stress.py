@@ -584,6 +584,10 @@ class SoakResult:
     sent: int = 0
     answered_ok: int = 0
     errors_by_code: dict[str, int] = field(default_factory=dict)
+    # "CODE: first words of the status message" -> count, and when (s from the start): tells an
+    # admission refusal from a request that waited and missed, and a burst from scattered ones.
+    error_reasons: dict[str, int] = field(default_factory=dict)
+    error_times_s: list[float] = field(default_factory=list)
     p50_ms: float | None = None
     p99_ms: float | None = None
     p99_by_window_ms: list[float | None] = field(default_factory=list)
@@ -633,7 +637,10 @@ def run_soak(
     measured = [s for s in shots if s.due >= start + min(1.0, window_s / 4)]
     result.sent = len(shots)
     result.answered_ok = sum(s.code == "OK" for s in shots)
-    result.errors_by_code = dict(Counter(s.code for s in shots if s.code != "OK"))
+    failed = [s for s in shots if s.code != "OK"]
+    result.errors_by_code = dict(Counter(s.code for s in failed))
+    result.error_reasons = dict(Counter(f"{s.code}: {s.details[:48]}" for s in failed).most_common(5))
+    result.error_times_s = [round(s.due - start, 1) for s in failed[:20]]
     ok = _ok_latencies(measured)
     result.p50_ms, result.p99_ms = _pct(ok, 50), _pct(ok, 99)
     result.max_send_lag_ms = round(max((1000 * (s.sent - s.due) for s in shots), default=0.0), 3)
@@ -881,6 +888,8 @@ def soak_markdown(r: SoakResult) -> str:
         "| --- | --- |",
         f"| sent / OK | {r.sent} / {r.answered_ok} |",
         f"| errors | {errs} |",
+        f"| most frequent reasons | {_counts(r.error_reasons)} |",
+        f"| first errors at (s) | {', '.join(f'{t:g}' for t in r.error_times_s) or '–'} |",
         f"| p50 / p99 (SLO {r.slo_ms:g} ms) | {_f(r.p50_ms)} / {_f(r.p99_ms)} ms |",
         f"| p99 per {r.window_s:g} s window | {', '.join(_f(v) for v in r.p99_by_window_ms)} |",
         f"| p99 drift, last vs first window | {_f(r.p99_drift_pct, '%')} |",
