@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -80,15 +81,25 @@ def images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, 224, 224), dtype=np.float32)
 
 
-def teach_then_hold(batcher: ModelBatcher, rec: Recorder, gated: GatedRunner) -> None:
-    """Request 0 (8 images) runs, so the batcher knows a batch's time; request 1 (8 images) is then
-    held in compute until the gate opens."""
-    batcher.submit(Pending(images(8, 0), None, rec.done(0)))
-    rec.wait(1)
-    gated.gate.clear()
-    rec.taken.clear()
-    batcher.submit(Pending(images(8, 1), None, rec.done(1)))
-    assert rec.taken.wait(10)
+@contextlib.contextmanager
+def batch_held_in_compute(runner, policy: BatchPolicy):
+    """A batcher over a gated runner: request 0 (8 images) runs, so it knows a batch's time; request 1
+    (8 images) is then held in compute until the gate opens. Stopped on exit, gate open."""
+    rec = Recorder()
+    gated = GatedRunner(runner)
+    gated.gate.set()
+    batcher = ModelBatcher([gated], policy, rec.observer())
+    try:
+        batcher.submit(Pending(images(8, 0), None, rec.done(0)))
+        rec.wait(1)
+        gated.gate.clear()
+        rec.taken.clear()
+        batcher.submit(Pending(images(8, 1), None, rec.done(1)))
+        assert rec.taken.wait(10)
+        yield rec, gated, batcher
+    finally:
+        gated.gate.set()
+        batcher.stop()
 
 
 def wait_idle(batcher: ModelBatcher, timeout: float = 10) -> None:
@@ -171,12 +182,7 @@ def test_a_full_queue_refuses_and_stop_finishes_the_queue(runner):
 
 
 def test_a_deadline_shorter_than_the_queued_work_is_refused_on_arrival(runner):
-    rec = Recorder()
-    gated = GatedRunner(runner)
-    gated.gate.set()
-    batcher = ModelBatcher([gated], BatchPolicy(max_batch_size=8), rec.observer())
-    try:
-        teach_then_hold(batcher, rec, gated)
+    with batch_held_in_compute(runner, BatchPolicy(max_batch_size=8)) as (rec, gated, batcher):
         for i in (2, 3, 4):
             batcher.submit(Pending(images(8, i), None, rec.done(i)))
         # 32 images ahead: a deadline of 8 images' compute cannot be met, and is told so at once.
@@ -195,9 +201,6 @@ def test_a_deadline_shorter_than_the_queued_work_is_refused_on_arrival(runner):
         batcher._per_image_s = 60.0
         batcher.submit(Pending(images(1, 7), time.monotonic() + 5, rec.done(7)))
         rec.wait(7)
-    finally:
-        gated.gate.set()
-        batcher.stop()
     assert all(rec.answers[i][1] is None for i in (0, 1, 2, 3, 4, 6, 7))
     assert sum(rec.batches) == 8 * 5 + 2  # the refused image never reached the runtime
 
@@ -206,12 +209,8 @@ def test_a_deadline_shorter_than_the_queued_work_is_refused_on_arrival(runner):
 def test_admission_keeps_slack_for_varying_batch_times(runner, fraction: float, admitted: bool):
     """A deadline the estimate alone would just meet is refused unless the policy admits right up
     to the deadline: a queue filled to the edge misses whenever a batch runs a little slow."""
-    rec = Recorder()
-    gated = GatedRunner(runner)
-    gated.gate.set()
-    batcher = ModelBatcher([gated], BatchPolicy(max_batch_size=8, admit_fraction=fraction), rec.observer())
-    try:
-        teach_then_hold(batcher, rec, gated)
+    policy = BatchPolicy(max_batch_size=8, admit_fraction=fraction)
+    with batch_held_in_compute(runner, policy) as (rec, _, batcher):
         batcher.submit(Pending(images(8, 2), None, rec.done(2)))
         per_image = batcher._per_image_s
         assert per_image is not None
@@ -223,9 +222,6 @@ def test_admission_keeps_slack_for_varying_batch_times(runner, fraction: float, 
             with pytest.raises(CannotMeetDeadline):
                 batcher.submit(late)
         assert 3 not in rec.answers
-    finally:
-        gated.gate.set()
-        batcher.stop()
 
 
 def test_model_input_prepares_shared_uint8_in_one_pass_and_mixed_inputs_each():
@@ -257,12 +253,7 @@ def test_wait_correction_is_a_bounded_p95_of_actual_over_predicted():
 def test_admission_learns_from_predictions_that_ran_late(runner):
     """A request that queued behind another and finished far later than predicted makes the next
     predictions count for more: a deadline the raw prediction fits twice over is refused."""
-    rec = Recorder()
-    gated = GatedRunner(runner)
-    gated.gate.set()
-    batcher = ModelBatcher([gated], BatchPolicy(max_batch_size=8), rec.observer())
-    try:
-        teach_then_hold(batcher, rec, gated)
+    with batch_held_in_compute(runner, BatchPolicy(max_batch_size=8)) as (rec, gated, batcher):
         batcher.submit(Pending(images(8, 2), None, rec.done(2)))  # predicted: 16 images of compute
         time.sleep(0.5)  # ... but the batch ahead is held far longer
         gated.gate.set()
@@ -277,9 +268,6 @@ def test_admission_learns_from_predictions_that_ran_late(runner):
         assert per_image is not None
         with pytest.raises(CannotMeetDeadline):
             batcher.submit(Pending(images(1, 4), time.monotonic() + 2 * 9 * per_image, rec.done(4)))
-    finally:
-        gated.gate.set()
-        batcher.stop()
 
 
 def test_admit_fraction_outside_zero_to_one_is_refused():

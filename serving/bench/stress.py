@@ -319,17 +319,23 @@ def queue_depth_reader(metrics_url: str, model: str) -> Callable[[], float | Non
     return read
 
 
-def server_refusal_buckets(metrics_url: str, model: str) -> Counter[float]:
-    """rtq_refusal_duration_seconds of `model`, all codes: cumulative count per bucket edge (s)."""
-    from prometheus_client.parser import text_string_to_metric_families
+Scrape = dict[tuple[str, tuple], float]  # serving.bench.serving_bench.scrape: (name, labels) -> value
 
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    out: Counter[float] = Counter()
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == "rtq_refusal_duration_seconds_bucket" and s.labels.get("model") == model:
-                out[float(s.labels["le"])] += int(s.value)
+
+def _model_sums(values: Scrape, model: str, sample: str, by: str) -> Counter[str]:
+    """The `sample` series of `model` in one scrape, summed per value of label `by`."""
+    out: Counter[str] = Counter()
+    for (name, labels), v in values.items():
+        ls = dict(labels)
+        if name == sample and ls.get("model") == model:
+            out[ls[by]] += int(v)
     return out
+
+
+def server_refusal_buckets(values: Scrape, model: str) -> Counter[float]:
+    """rtq_refusal_duration_seconds of `model`, all codes: cumulative count per bucket edge (s)."""
+    sums = _model_sums(values, model, "rtq_refusal_duration_seconds_bucket", "le")
+    return Counter({float(le): n for le, n in sums.items()})
 
 
 def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
@@ -350,17 +356,9 @@ def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
     return lower
 
 
-def server_codes(metrics_url: str, model: str) -> Counter[str]:
+def server_codes(values: Scrape, model: str) -> Counter[str]:
     """rtq_requests_total of `model` by gRPC code: what the server itself answered."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    out: Counter[str] = Counter()
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == "rtq_requests_total" and s.labels.get("model") == model:
-                out[s.labels["code"]] += int(s.value)
-    return out
+    return _model_sums(values, model, "rtq_requests_total", "code")
 
 
 def rss_reader(pid: int) -> Callable[[], float]:
@@ -501,16 +499,18 @@ def run_overload(
         refusal_limit_ms=refusal_limit_ms,
     )
     depth = _Sampler(queue_depth_reader(metrics_url, model) if metrics_url else lambda: None, 0.05)
-    codes_before = server_codes(metrics_url, model) if metrics_url else Counter()
-    refusals_before = server_refusal_buckets(metrics_url, model) if metrics_url else Counter()
+    from serving.bench.serving_bench import scrape
+
+    before = scrape(metrics_url) if metrics_url else {}
     with depth:
         start, shots = open_loop(url, payload, phases, slo_ms / 1000)
     if metrics_url:
         time.sleep(0.2)  # the last answers' counts land just after the answers
-        delta = server_codes(metrics_url, model) - codes_before
+        after = scrape(metrics_url)
+        delta = server_codes(after, model) - server_codes(before, model)
         result.server_answers = dict(sorted(delta.items()))
-        after_run = server_refusal_buckets(metrics_url, model)
-        buckets = {le: after_run[le] - refusals_before[le] for le in after_run}
+        after_run, before_run = server_refusal_buckets(after, model), server_refusal_buckets(before, model)
+        buckets = {le: after_run[le] - before_run[le] for le in after_run}
         result.server_refusals = int(buckets.get(math.inf, 0))
         p99 = histogram_quantile(0.99, buckets)
         result.server_refusal_p99_ms = None if p99 is None else round(1000 * p99, 3)
