@@ -270,6 +270,43 @@ def test_admission_learns_from_predictions_that_ran_late(runner):
             batcher.submit(Pending(images(1, 4), time.monotonic() + 2 * 9 * per_image, rec.done(4)))
 
 
+def test_one_stalled_batch_does_not_refuse_the_short_queue_behind_it(runner):
+    """A batch the machine stalled (here: held 0.3 s) must not make the next short queue look too long
+    to serve: a mean of batch times let one 40 ms stall refuse requests with 98 ms left in the soak."""
+    rec = Recorder()
+    gated = GatedRunner(runner)
+    gated.gate.set()
+    batcher = ModelBatcher([gated], BatchPolicy(max_batch_size=1), rec.observer())
+    try:
+        for i in range(30):  # enough history that one slow request is an outlier to the correction too
+            batcher.submit(Pending(images(1, i), None, rec.done(i)))
+            rec.wait(i + 1)
+        normal = batcher._per_image_s
+        assert normal is not None
+        gated.gate.clear()
+        rec.taken.clear()
+        batcher.submit(Pending(images(1, 30), None, rec.done(30)))
+        assert rec.taken.wait(10)
+        time.sleep(0.3)
+        gated.gate.set()
+        rec.wait(31)
+        wait_idle(batcher)
+        assert batcher._per_image_s < 2 * normal, (batcher._per_image_s, normal)
+        gated.gate.clear()
+        rec.taken.clear()
+        batcher.submit(Pending(images(1, 31), None, rec.done(31)))
+        assert rec.taken.wait(10)
+        for i in (32, 33, 34):
+            batcher.submit(Pending(images(1, i), None, rec.done(i)))
+        batcher.submit(Pending(images(1, 35), time.monotonic() + 20 * normal, rec.done(35)))  # 4 ahead
+        gated.gate.set()
+        rec.wait(36)
+    finally:
+        gated.gate.set()
+        batcher.stop()
+    assert all(exc is None for _, exc in rec.answers.values())
+
+
 def test_admit_fraction_outside_zero_to_one_is_refused():
     for bad in (0.0, -0.5, 1.5, float("nan")):
         with pytest.raises(ValueError, match="admit_fraction"):
