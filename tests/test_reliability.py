@@ -26,6 +26,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from serving.bench.stalls import StallWatch
 from serving.bench.stress import (
     Shot,
     drain_markdown,
@@ -158,6 +159,25 @@ def test_soak_reports_errors_memory_and_drift_per_window(small_repository: Path)
         assert r.p99_drift_pct is not None and set(r.checks()) >= {"0 errors"}
     finally:
         edge.stop()
+
+
+def test_stall_watch_sees_a_frozen_process_and_places_requests_against_it():
+    """The sleeper that tells the soak's machine stalls from the server's: frozen 80 ms (SIGSTOP, as a
+    host preempting the VM would), it reports one stall of about that length, at that time."""
+    with StallWatch(threshold_ms=20) as watch:
+        time.sleep(0.3)
+        frozen_at = time.monotonic()
+        os.kill(watch._proc.pid, signal.SIGSTOP)
+        time.sleep(0.08)
+        os.kill(watch._proc.pid, signal.SIGCONT)
+        time.sleep(0.3)
+    assert watch.priority in ("SCHED_FIFO", "nice -10", "normal")
+    assert len(watch.stalls) == 1, watch.stalls
+    stall = watch.stalls[0]
+    assert 60 < stall.ms < 500 and abs(stall.start - frozen_at) < 0.05
+    assert watch.near(frozen_at - 0.05, 0.1) is stall  # due 50 ms before, 100 ms to answer: hit
+    assert watch.near(frozen_at - 0.2, 0.1) is None  # answered before the stall began
+    assert watch.near(stall.end + 0.01, 0.1) is None  # due after it ended
 
 
 # -- SIGTERM under load --------------------------------------------------------------------------

@@ -34,6 +34,8 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
+from serving.bench.stalls import StallWatch
+
 _METHOD = "/inference.GRPCInferenceService/ModelInfer"
 # What a refusal is: the server said no (queue full, or cannot meet the deadline) rather than failed.
 REFUSAL_CODES = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")
@@ -595,6 +597,11 @@ class SoakResult:
     rss_growth_pct: float | None = None  # last vs first window
     p99_drift_pct: float | None = None  # last vs first window
     max_send_lag_ms: float = 0.0
+    # Late wake-ups of a real-time 1 ms sleeper (serving.bench.stalls): [s from the start, ms], and
+    # how many errors had such a stall within their SLO (due -> due + SLO): the machine, not the server.
+    stall_priority: str = ""
+    machine_stalls: list[list[float]] = field(default_factory=list)
+    errors_near_stalls: int = 0
 
     @property
     def errors(self) -> int:
@@ -632,7 +639,7 @@ def run_soak(
     rate = fraction * capacity_rps
     result = SoakResult(model, url, capacity_rps, round(rate, 1), duration_s, window_s, slo_ms)
     rss = _Sampler(rss_reader(server_pid) if server_pid else lambda: None, 1.0)
-    with rss:
+    with rss, StallWatch() as stalls:
         start, shots = open_loop(url, payload, [(rate, duration_s)], slo_ms / 1000)
     measured = [s for s in shots if s.due >= start + min(1.0, window_s / 4)]
     result.sent = len(shots)
@@ -641,6 +648,9 @@ def run_soak(
     result.errors_by_code = dict(Counter(s.code for s in failed))
     result.error_reasons = dict(Counter(f"{s.code}: {s.details[:48]}" for s in failed).most_common(5))
     result.error_times_s = [round(s.due - start, 1) for s in failed[:20]]
+    result.stall_priority = stalls.priority
+    result.machine_stalls = [[round(st.start - start, 2), round(st.ms, 1)] for st in stalls.stalls]
+    result.errors_near_stalls = sum(stalls.near(s.due, slo_ms / 1000) is not None for s in failed)
     ok = _ok_latencies(measured)
     result.p50_ms, result.p99_ms = _pct(ok, 50), _pct(ok, 99)
     result.max_send_lag_ms = round(max((1000 * (s.sent - s.due) for s in shots), default=0.0), 3)
@@ -880,6 +890,10 @@ def overload_markdown(r: OverloadResult) -> str:
 
 def soak_markdown(r: SoakResult) -> str:
     errs = _counts(r.errors_by_code)
+    longest = sorted(r.machine_stalls, key=lambda s: -s[1])[:8]
+    stalls = ", ".join(f"{at:g} s: {ms:g}" for at, ms in sorted(longest)) or "none"
+    if len(r.machine_stalls) > len(longest):
+        stalls += f" (longest {len(longest)} of {len(r.machine_stalls)})"
     lines = [
         f"### Soak: `{r.model}` at {r.rate_rps:g} req/s ({r.rate_rps / r.capacity_rps:.0%} of "
         f"{r.capacity_rps:g} req/s) for {r.duration_s:g} s",
@@ -896,6 +910,8 @@ def soak_markdown(r: SoakResult) -> str:
         f"| server RSS per window (MiB) | {', '.join(_f(v) for v in r.rss_mb) or '–'} |",
         f"| RSS growth, last vs first window | {_f(r.rss_growth_pct, '%')} |",
         f"| load generator max send lag | {_f(r.max_send_lag_ms)} ms |",
+        f"| machine stalls > 20 ms ({r.stall_priority} 1 ms sleeper): at s, ms | {stalls} |",
+        f"| errors with a stall within their SLO | {r.errors_near_stalls} of {r.errors} |",
         "",
         *_verdicts(r.checks()),
         "",
