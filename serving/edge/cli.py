@@ -78,6 +78,13 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
         help="PEM CA bundle: require client certificates signed by it (mutual TLS)",
     )
     sp.add_argument(
+        "--no-shared-memory",
+        action="store_true",
+        help="refuse Triton's system shared memory (by default clients on this host may pass tensors "
+        "through /dev/shm objects they register; anyone allowed to call the server can then make it "
+        "read and write such objects)",
+    )
+    sp.add_argument(
         "--grace",
         type=float,
         default=10.0,
@@ -122,6 +129,7 @@ def serve_main(args: argparse.Namespace) -> int:
         compute_nice=args.compute_nice,
         admit_fraction=args.admit_within,
         grace_s=args.grace,
+        shared_memory=not args.no_shared_memory,
     )
 
     def say(event: dict, text: str) -> None:

@@ -25,6 +25,7 @@ from serving.edge.metrics import EdgeMetrics, serve_metrics
 from serving.edge.models import DEFAULT_MAX_QUEUE, ServedModel, import_runtimes, load_repository
 from serving.edge.priority import lower_current_thread
 from serving.edge.service import InferenceService, generic_handler
+from serving.edge.shared_memory import SharedMemoryRegions
 from serving.errors import RtqError
 from serving.repository.layout import list_variants
 
@@ -50,6 +51,7 @@ class EdgeConfig:
     admit_fraction: float = DEFAULT_ADMIT_FRACTION  # serving/edge/batching.py: admission
     grace_s: float = 10.0
     handler_threads: int = 4  # image decoding pool
+    shared_memory: bool = True  # Triton's system shared memory extension (serving/edge/shared_memory.py)
     # How often each loaded variant's files are compared with what was loaded (None: never).
     watch_interval_s: float | None = 2.0
 
@@ -76,6 +78,7 @@ class EdgeServer:
             TokenCheck(config.token),
             config.max_message_bytes,
             config.handler_threads,
+            SharedMemoryRegions(enabled=config.shared_memory),
         )
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None

@@ -22,6 +22,7 @@ from serving.edge.auth import TokenCheck
 from serving.edge.batching import CannotMeetDeadline, Expired, ModelStopped, Pending, QueueFull
 from serving.edge.metrics import UNKNOWN, EdgeMetrics
 from serving.edge.models import ServedModel
+from serving.edge.shared_memory import BYTE_SIZE, REGION, SharedMemoryRegions, Slice, tensor_slice
 from serving.edge.tensors import (
     Refused,
     RequestError,
@@ -50,8 +51,10 @@ class InferenceService:
         token: TokenCheck,
         max_message_bytes: int,
         decode_threads: int = 2,
+        shared_memory: SharedMemoryRegions | None = None,
     ):
         self.models = models
+        self.shm = shared_memory if shared_memory is not None else SharedMemoryRegions()
         self.metrics = metrics
         self.token = token
         self.max_message_bytes = max_message_bytes
@@ -105,9 +108,39 @@ class InferenceService:
         return await self._guard(
             context,
             lambda: pb.ServerMetadataResponse(
-                name=SERVER_NAME, version=rtq_version, extensions=list(EXTENSIONS)
+                name=SERVER_NAME,
+                version=rtq_version,
+                extensions=[*EXTENSIONS, *(["system_shared_memory"] if self.shm.enabled else [])],
             ),
         )
+
+    # -- system shared memory (serving/edge/shared_memory.py) --------------------------------------
+    async def SystemSharedMemoryRegister(self, request, context):
+        def register():
+            self.shm.register(request.name, request.key, request.offset, request.byte_size)
+            return pb.SystemSharedMemoryRegisterResponse()
+
+        return await self._guard(context, register)
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        def unregister():
+            self.shm.unregister(request.name)
+            return pb.SystemSharedMemoryUnregisterResponse()
+
+        return await self._guard(context, unregister)
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        def status():
+            response = pb.SystemSharedMemoryStatusResponse()
+            for r in self.shm.status(request.name):
+                response.regions[r.name].CopyFrom(
+                    pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                        name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size
+                    )
+                )
+            return response
+
+        return await self._guard(context, status)
 
     async def ModelMetadata(self, request, context):
         def metadata():
@@ -268,6 +301,11 @@ class InferenceService:
         raw = raws[0] if raws else None
         if raw is not None and tensor.contents.ByteSize():
             raise invalid(f"input '{tensor.name}': both raw_input_contents and typed contents; send one")
+        in_shm = tensor_slice(tensor.parameters, f"input '{tensor.name}'")
+        if in_shm is not None:
+            if raw is not None or tensor.contents.ByteSize():
+                raise invalid(f"input '{tensor.name}': both shared memory and data in the request; send one")
+            raw = self.shm.read(in_shm, f"input '{tensor.name}'")
         max_batch = max(1, cfg.max_batch_size)
         if tensor.datatype in ("FP32", "UINT8"):
             batch = numeric_input(tensor, raw, served.image_shape, max_batch)
@@ -296,22 +334,28 @@ class InferenceService:
             self.metrics.labelled.labels(*served.labels).inc(n)
             self.metrics.correct.labels(*served.labels).inc(int(np.sum(top1 == np.asarray(truth))))
         response = pb.ModelInferResponse(model_name=served.name, model_version=served.version, id=request.id)
-        for name, k in outputs:
+        for name, k, out_shm in outputs:
             if k:
-                items = classification(logits, k, served.class_names)
-                response.outputs.add(name=name, datatype="BYTES", shape=[n, min(k, logits.shape[1])])
-                response.raw_output_contents.append(join_bytes(items))
+                data = join_bytes(classification(logits, k, served.class_names))
+                out = response.outputs.add(name=name, datatype="BYTES", shape=[n, min(k, logits.shape[1])])
             else:
-                response.outputs.add(name=name, datatype="FP32", shape=list(logits.shape))
-                response.raw_output_contents.append(np.ascontiguousarray(logits, dtype="<f4").tobytes())
+                data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
+                out = response.outputs.add(name=name, datatype="FP32", shape=list(logits.shape))
+            if out_shm is None:
+                response.raw_output_contents.append(data)
+                continue
+            self.shm.write(out_shm, data, f"output '{name}'")
+            out.parameters[REGION].string_param = out_shm.region
+            out.parameters[BYTE_SIZE].int64_param = len(data)
+            response.raw_output_contents.append(b"")  # one entry per output keeps the others in place
         return response
 
-    @staticmethod
-    def _requested_outputs(served: ServedModel, request) -> list[tuple[str, int]]:
-        """(name, top-k or 0 for raw logits) per requested output; all outputs as logits by default."""
+    def _requested_outputs(self, served: ServedModel, request) -> list[tuple[str, int, Slice | None]]:
+        """(name, top-k or 0 for raw logits, shared memory slice or None) per requested output; all
+        outputs as logits in the response by default. A bad slice fails here, before compute."""
         known = [o.name for o in served.config.output]
         if not request.outputs:
-            return [(n, 0) for n in known]
+            return [(n, 0, None) for n in known]
         chosen = []
         for out in request.outputs:
             if out.name not in known:
@@ -321,7 +365,10 @@ class InferenceService:
                 k = int(out.parameters["classification"].int64_param)
                 if k < 1:
                     raise invalid(f"output '{out.name}': classification count must be >= 1, got {k}")
-            chosen.append((out.name, k))
+            where = tensor_slice(out.parameters, f"output '{out.name}'")
+            if where is not None:
+                self.shm.check(where, f"output '{out.name}'")
+            chosen.append((out.name, k, where))
         return chosen
 
     async def _submit(
@@ -379,6 +426,7 @@ class InferenceService:
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.shm.close()
 
 
 def generic_handler(service: InferenceService) -> grpc.GenericRpcHandler:
@@ -401,6 +449,21 @@ def generic_handler(service: InferenceService) -> grpc.GenericRpcHandler:
         ),
         "RepositoryIndex": unary(
             service.RepositoryIndex, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse
+        ),
+        "SystemSharedMemoryRegister": unary(
+            service.SystemSharedMemoryRegister,
+            pb.SystemSharedMemoryRegisterRequest,
+            pb.SystemSharedMemoryRegisterResponse,
+        ),
+        "SystemSharedMemoryUnregister": unary(
+            service.SystemSharedMemoryUnregister,
+            pb.SystemSharedMemoryUnregisterRequest,
+            pb.SystemSharedMemoryUnregisterResponse,
+        ),
+        "SystemSharedMemoryStatus": unary(
+            service.SystemSharedMemoryStatus,
+            pb.SystemSharedMemoryStatusRequest,
+            pb.SystemSharedMemoryStatusResponse,
         ),
         "ModelInfer": grpc.unary_unary_rpc_method_handler(
             service.ModelInfer,

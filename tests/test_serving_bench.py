@@ -1,0 +1,40 @@
+"""`rtq bench serving` at a CI size: a real edge server, the raw runtime and the shared-memory path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from serving.bench.serving_bench import run_serving_bench
+
+OV = "efficientnet_lite0-int8-openvino"
+
+
+def test_serving_bench_measures_edge_plain_and_shared_memory_beside_the_raw_runtime(
+    small_repository: Path, data_root: Path, tmp_path: Path
+):
+    r = run_serving_bench(
+        small_repository,
+        OV,
+        data_root,
+        tmp_path,
+        n_images=8,
+        latency_runs=25,
+        concurrency=(1,),
+        seconds=1.0,
+        triton=False,
+        command="pytest",
+        log=lambda msg: None,
+    )
+    lat = r["latency_ms"]
+    assert set(lat) == {"raw", "raw_paced", "edge", "edge_shm"}
+    assert all(v["n"] == 25 and 0 < v["p50"] <= v["p99"] for v in lat.values())
+    assert r["edge_shm_vs_raw_p50"] == round(lat["edge_shm"]["p50"] / lat["raw"]["p50"], 3)
+    assert r["parity"]["edge_identical_top1"] == 8
+    m = r["edge_metrics"]  # both latency kinds counted: the scrape matches every request sent
+    assert m["request_histogram_count"] == m["requests_sent"] == m["requests_ok"]
+    assert r["validity"]["reasons"] == ["25 latency runs < 200"]
+    written = json.loads(next(tmp_path.glob("serving-*.json")).read_text())
+    assert written["latency_ms"]["edge_shm"] == lat["edge_shm"]
+    assert "edge_shm" in next(tmp_path.glob("serving-*.md")).read_text()
+    assert not list(Path("/dev/shm").glob("rtq-bench-*"))  # the frame's object is removed
