@@ -161,6 +161,30 @@ def test_soak_reports_errors_memory_and_drift_per_window(small_repository: Path)
         edge.stop()
 
 
+def test_a_sustainable_rate_must_also_hold_for_longer(monkeypatch):
+    """A machine that meets the SLO up to 200 req/s in short trials but only up to 150 req/s when held:
+    the bisection finds ~200, the longer confirmation steps down by 10% until one holds."""
+    from serving.bench import stress
+
+    def fake_open_loop(url, payload, phases, deadline_s):
+        ((rate, secs),) = phases
+        limit = 200 if secs < 10 else 150
+        n = int(rate * secs)
+        late = 0.5 if rate > limit else 0.01  # answer time, s: past the 100 ms SLO above the limit
+        return 0.0, [Shot(k / rate, k / rate, k / rate + late, "OK") for k in range(n)]
+
+    monkeypatch.setattr(stress, "open_loop", fake_open_loop)
+    r = stress.probe_sustainable_rate("unused", ORT, 400.0, seconds=6, steps=6, payload=b"x", confirm_s=18)
+    short = [t for t in r.trials if not t["confirm"]]
+    held = [t for t in r.trials if t["confirm"]]
+    assert len(short) == 7 and max(t["rate_rps"] for t in short if t["passed"]) == 200
+    assert [t["passed"] for t in held] == [False, False, False]  # 200, 180, 162
+    assert r.rate_rps == 0.0  # none held within three steps: no figure rather than a wrong one
+    r = stress.probe_sustainable_rate("unused", ORT, 400.0, seconds=6, payload=b"x", confirm_tries=4)
+    assert r.rate_rps == 145.8 and r.trials[-1] == {**r.trials[-1], "confirm": True, "passed": True}
+    assert "held 18 s: 145.8/s ok" in stress.sustainable_markdown(r)
+
+
 def test_stall_watch_sees_a_frozen_process_and_places_requests_against_it():
     """The sleeper that tells the soak's machine stalls from the server's: frozen 80 ms (SIGSTOP, as a
     host preempting the VM would), it reports one stall of about that length, at that time."""

@@ -173,15 +173,18 @@ def _soak(args: argparse.Namespace, repository: Path, say, capacity: float | Non
     from serving.bench.stress import run_soak, soak_markdown, start_edge_process
 
     edge = start_edge_process(repository, [args.model], max_queue=args.max_queue)
+    cap_md, cap_json = "", None  # measured here only when the overload step did not
     try:
         if capacity is None:
-            capacity, _, _ = _capacity(args, edge.url, say)
+            capacity, cap_md, cap_json = _capacity(args, edge.url, say)
         say(f"soak: {0.8 * capacity:.1f} req/s (80% of {capacity} req/s) for {args.soak_s:g} s")
         r = run_soak(edge.url, args.model, capacity, server_pid=edge.pid, duration_s=args.soak_s,
                      window_s=args.soak_window_s, slo_ms=args.slo_ms)  # fmt: skip
     finally:
         edge.stop()
-    return {"markdown": "## Soak\n\n" + soak_markdown(r), "checks": r.checks(), "json": asdict(r)}
+    md = "## Soak\n\n" + (cap_md + "\n" if cap_md else "") + soak_markdown(r)
+    payload = asdict(r) | ({"capacity": cap_json} if cap_json else {})
+    return {"markdown": md, "checks": r.checks(), "json": payload}
 
 
 def run_reliability(args: argparse.Namespace, command: str, say=print) -> tuple[dict, str]:
