@@ -612,6 +612,9 @@ class SoakResult:
     stall_priority: str = ""
     machine_stalls: list[list[float]] = field(default_factory=list)
     errors_near_stalls: int = 0
+    # Errors of requests the load generator itself sent > 10 ms late (their deadline runs from the due
+    # time, so the server had that much less): on shared cores the generator starves too.
+    errors_sent_late: int = 0
 
     @property
     def errors(self) -> int:
@@ -625,6 +628,9 @@ class SoakResult:
             f"p99 drift < {drift_limit_pct:g}%": self.p99_drift_pct is not None
             and self.p99_drift_pct < drift_limit_pct,
         }
+
+
+_LATE_SEND_S = 0.010
 
 
 def run_soak(
@@ -661,6 +667,7 @@ def run_soak(
     result.stall_priority = stalls.priority
     result.machine_stalls = [[round(st.start - start, 2), round(st.ms, 1)] for st in stalls.stalls]
     result.errors_near_stalls = sum(stalls.near(s.due, slo_ms / 1000) is not None for s in failed)
+    result.errors_sent_late = sum(s.sent - s.due > _LATE_SEND_S for s in failed)
     ok = _ok_latencies(measured)
     result.p50_ms, result.p99_ms = _pct(ok, 50), _pct(ok, 99)
     result.max_send_lag_ms = round(max((1000 * (s.sent - s.due) for s in shots), default=0.0), 3)
@@ -924,6 +931,8 @@ def soak_markdown(r: SoakResult) -> str:
         f"| load generator max send lag | {_f(r.max_send_lag_ms)} ms |",
         f"| machine stalls > 20 ms ({r.stall_priority} 1 ms sleeper): at s, ms | {stalls} |",
         f"| errors with a stall within their SLO | {r.errors_near_stalls} of {r.errors} |",
+        f"| errors the load generator sent > {1000 * _LATE_SEND_S:g} ms late | "
+        f"{r.errors_sent_late} of {r.errors} |",
         "",
         *_verdicts(r.checks()),
         "",
