@@ -271,7 +271,11 @@ def test_stop_under_load_ledger_matches_the_servers_own_count(small_repository: 
         if s.name == "rtq_requests_total"
     }
     codes = Counter(code for *_, code, _ in out)
-    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+    first_refused = min((k for k, *_, code, _ in out if code == "UNAVAILABLE"), default=len(out))
+    assert all(code == "OK" for k, *_, code, _ in out if k < first_refused), codes
+    # After the refusals began, gRPC's own stop may cancel a call still in transit; it never reached
+    # a handler (the server counted no CANCELLED below), so no accepted request was lost.
+    assert set(codes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, codes
     assert served.get("OK", 0) == codes["OK"] > 0
     assert set(served) <= {"OK", "UNAVAILABLE", "RESOURCE_EXHAUSTED"}, served
     assert served.get("RESOURCE_EXHAUSTED", 0) == 0
