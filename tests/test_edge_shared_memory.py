@@ -144,6 +144,11 @@ def test_bad_registrations_and_slices_are_clear_errors_and_nothing_else_changes(
     np.testing.assert_array_equal(
         client.infer(ORT, [shm_input(0)]).as_numpy("logits"), plain_logits(client, x[:1])
     )
+    # The client truncates its object while registered: an error, not SIGBUS in the server.
+    os.truncate("/dev/shm/" + key.lstrip("/"), FRAME_BYTES // 2)
+    with pytest.raises(InferenceServerException, match="was truncated"):
+        client.infer(ORT, [shm_input(0)])
+    assert client.is_server_live()
 
 
 def test_shared_memory_can_be_turned_off(small_repository: Path, region):

@@ -7,14 +7,15 @@ then names the region, offset and size instead of carrying the pixels (a 1x3x224
 
 Regions are POSIX shared memory objects (files directly in /dev/shm): a key names one object there and
 nothing else (no '/' inside it, symlinks refused), and every read and write is checked against the
-registered range. Inputs are copied out at request time, so the client may write its next frame
-while this one is still queued. Register, unregister, read and write all run on the server's event
-loop: no locking.
+registered range. Reads and writes are pread/pwrite on the object, not a memory map: a client that
+truncates its object after registering gets an error, where touching a mapping past the new end
+would kill the server with SIGBUS. Inputs are copied out at request time, so the client may write its
+next frame while this one is still queued. Register, unregister, read and write all run on the
+server's event loop: no locking.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import stat
@@ -40,7 +41,7 @@ class Region:
     key: str
     offset: int
     byte_size: int
-    view: mmap.mmap  # the object's bytes [0, offset + byte_size)
+    fd: int  # the object, open read-write
 
 
 @dataclass(frozen=True)
@@ -124,10 +125,10 @@ class SharedMemoryRegions:
                     f"shared memory object '{shown(key)}' holds {st.st_size} bytes; "
                     f"offset {offset} + byte size {byte_size} is past its end"
                 )
-            view = mmap.mmap(fd, offset + byte_size)
-        finally:
+        except BaseException:
             os.close(fd)
-        self._regions[name] = Region(name, key, offset, byte_size, view)
+            raise
+        self._regions[name] = Region(name, key, offset, byte_size, fd)
 
     def unregister(self, name: str) -> None:
         """One region by name; every region when `name` is empty (as Triton does)."""
@@ -136,7 +137,7 @@ class SharedMemoryRegions:
         for n in names:
             region = self._regions.pop(n, None)
             if region is not None:
-                region.view.close()
+                os.close(region.fd)
 
     def status(self, name: str) -> list[Region]:
         self._check_enabled()
@@ -169,7 +170,13 @@ class SharedMemoryRegions:
 
     def read(self, where: Slice, what: str) -> bytes:
         region, start = self._bounds(where, what)
-        return region.view[start : start + where.byte_size]  # a copy: the client may reuse the slice
+        data = os.pread(region.fd, where.byte_size, start)  # a copy: the client may reuse the slice
+        if len(data) != where.byte_size:
+            raise invalid(
+                f"{what}: shared memory region '{shown(region.name)}' now ends before offset "
+                f"{where.offset} + byte size {where.byte_size} (its object was truncated)"
+            )
+        return data
 
     def write(self, where: Slice, data: bytes, what: str) -> None:
         region, start = self._bounds(where, what)
@@ -177,9 +184,9 @@ class SharedMemoryRegions:
             raise invalid(
                 f"{what}: the result is {len(data)} bytes; the shared memory slice holds {where.byte_size}"
             )
-        region.view[start : start + len(data)] = data
+        os.pwrite(region.fd, data, start)
 
     def close(self) -> None:
         for region in self._regions.values():
-            region.view.close()
+            os.close(region.fd)
         self._regions.clear()
