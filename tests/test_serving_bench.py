@@ -1,4 +1,4 @@
-"""`rtq bench serving` at a CI size: a real edge server, the raw runtime and the shared-memory path."""
+"""`rtq bench serving` at a CI size: a real edge server, the raw runtime, shared memory and UINT8 pixels."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from serving.bench.serving_bench import run_serving_bench
 OV = "efficientnet_lite0-int8-openvino"
 
 
-def test_serving_bench_measures_edge_plain_and_shared_memory_beside_the_raw_runtime(
+def test_serving_bench_measures_edge_plain_shared_memory_and_pixels_beside_the_raw_runtime(
     small_repository: Path, data_root: Path, tmp_path: Path
 ):
     r = run_serving_bench(
@@ -27,10 +27,11 @@ def test_serving_bench_measures_edge_plain_and_shared_memory_beside_the_raw_runt
         log=lambda msg: None,
     )
     lat = r["latency_ms"]
-    assert set(lat) == {"raw", "raw_paced", "edge", "edge_shm"}
+    assert set(lat) == {"raw", "raw_paced", "edge", "edge_shm", "edge_uint8"}
     assert all(v["n"] == 25 and 0 < v["p50"] <= v["p99"] for v in lat.values())
     assert r["edge_shm_vs_raw_p50"] == round(lat["edge_shm"]["p50"] / lat["raw"]["p50"], 3)
-    assert r["parity"]["edge_identical_top1"] == 8
+    assert r["parity"]["edge_identical_top1"] == 8 and r["parity"]["edge_uint8_identical_logits"]
+    assert r["edge_uint8_vs_raw_p50"] == round(lat["edge_uint8"]["p50"] / lat["raw"]["p50"], 3)
     m = r["edge_metrics"]  # both latency kinds counted: the scrape matches every request sent
     assert m["request_histogram_count"] == m["requests_sent"] == m["requests_ok"]
     assert r["validity"]["reasons"] == ["25 latency runs < 200"]

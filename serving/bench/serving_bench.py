@@ -85,10 +85,10 @@ def _client(url: str):
     return grpcclient.InferenceServerClient(url)
 
 
-def _request(x: np.ndarray):
+def _request(x: np.ndarray, datatype: str = "FP32"):
     import tritonclient.grpc as grpcclient
 
-    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    inp = grpcclient.InferInput("input", list(x.shape), datatype)
     inp.set_data_from_numpy(x)
     return [inp]
 
@@ -271,13 +271,17 @@ def run_serving_bench(
     command: str = "",
     log=print,
 ) -> dict:
+    from serving.models.preprocessing import load_image, resize_crop
     from serving.repository.build import machine, tool_versions
     from serving.repository.layout import list_variants, open_variant
     from serving.runtimes import open_runner
 
     variant = open_variant(repository, variant_name)
     all_models = list_variants(repository)
-    x, y = tensors_for(variant, labelled_images(data_root, n_images))
+    images = labelled_images(data_root, n_images)
+    x, y = tensors_for(variant, images)
+    # The same first frame as camera pixels (UINT8, the server normalises): a quarter of the bytes.
+    u1 = resize_crop(load_image(images[0][0]), variant.preprocessing)[None]
     runner = open_runner(
         variant.manifest["backend"],
         variant.model_path,
@@ -330,10 +334,17 @@ def run_serving_bench(
         x1 = x[:1]
         clients = {name: _client(url) for name, url in targets.items()}
         reqs = _request(x1)
+        u8_reqs = _request(u1, "UINT8")
+        edge_fp32 = clients["edge"].infer(variant_name, reqs).as_numpy("logits")
+        result["parity"]["edge_uint8_identical_logits"] = bool(
+            np.array_equal(clients["edge"].infer(variant_name, u8_reqs).as_numpy("logits"), edge_fp32)
+        )
         with shared_frame(clients, x1) as (write_frame, shm_reqs, shm_clients):
             # "<server>_shm": the frame goes through /dev/shm (written before every call, as a camera
-            # process beside the server would), the request only names it.
+            # process beside the server would), the request only names it. "edge_uint8": the frame
+            # as pixels, normalised by the server (Triton's python-backend models take FP32 only).
             calls = {name: (lambda c=c: c.infer(variant_name, reqs)) for name, c in clients.items()}
+            calls["edge_uint8"] = lambda: clients["edge"].infer(variant_name, u8_reqs)
             for name, c in shm_clients.items():
                 calls[f"{name}_shm"] = lambda c=c: (write_frame(), c.infer(variant_name, shm_reqs))
             # "raw_paced" idles PACE_S between calls, as a server's runtime does between requests: on
@@ -379,8 +390,9 @@ def run_serving_bench(
         lat = result["latency_ms"]
         result["edge_vs_raw_p50"] = round(lat["edge"]["p50"] / lat["raw"]["p50"], 3)
         result["edge_vs_raw_paced_p50"] = round(lat["edge"]["p50"] / lat["raw_paced"]["p50"], 3)
-        if "edge_shm" in lat:
-            result["edge_shm_vs_raw_p50"] = round(lat["edge_shm"]["p50"] / lat["raw"]["p50"], 3)
+        for kind in ("edge_shm", "edge_uint8"):
+            if kind in lat:
+                result[f"{kind}_vs_raw_p50"] = round(lat[kind]["p50"] / lat["raw"]["p50"], 3)
         runner.close()
         runner = None
 
@@ -412,7 +424,8 @@ def run_serving_bench(
             "request_histogram_count": metric(values, "rtq_request_duration_seconds_count", **labels),
             "queue_histogram_count": metric(values, "rtq_queue_duration_seconds_count", **labels),
             "requests_sent": len(x)
-            + (20 + latency_runs) * sum(k in ("edge", "edge_shm") for k in result["latency_ms"])
+            + 2  # the UINT8 parity pair
+            + (20 + latency_runs) * sum(k in ("edge", "edge_shm", "edge_uint8") for k in result["latency_ms"])
             + sum(lv["sent"] for lv in edge_levels),
             "requests_ok": metric(values, "rtq_requests_total", code="OK", **labels),
             "requests_failed": metric(values, "rtq_requests_total", **labels)
@@ -436,6 +449,8 @@ def run_serving_bench(
     for name in targets:
         if result["parity"][f"{name}_identical_top1"] != result["parity"]["images"]:
             reasons.append(f"{name} top-1 differs from the runner on some images")
+    if not result["parity"]["edge_uint8_identical_logits"]:
+        reasons.append("edge logits for UINT8 pixels differ from the same frame sent as FP32")
     if latency_runs < 200:
         reasons.append(f"{latency_runs} latency runs < 200")
     now = dt.datetime.now(dt.UTC)
@@ -494,6 +509,13 @@ def markdown(r: dict) -> str:
             f"Through system shared memory (`edge_shm`: the frame written to /dev/shm before each "
             f"call, the request only names it): **{r['edge_shm_vs_raw_p50']:.2f}x**. "
             if "edge_shm_vs_raw_p50" in r
+            else ""
+        )
+        + (
+            "As UINT8 pixels (`edge_uint8`, a quarter of the bytes, normalised by the server; identical "
+            f"logits: {r['parity'].get('edge_uint8_identical_logits')}): "
+            f"**{r['edge_uint8_vs_raw_p50']:.2f}x**. "
+            if "edge_uint8_vs_raw_p50" in r
             else ""
         )
         + "Inside the edge server during this phase (ModelStatistics means over both kinds): request "
