@@ -518,7 +518,7 @@ def markdown(r: dict) -> str:
             if "edge_uint8_vs_raw_p50" in r
             else ""
         )
-        + "Inside the edge server during this phase (ModelStatistics means over both kinds): request "
+        + "Inside the edge server during this phase (ModelStatistics means over all request kinds): request "
         f"{side['request']:.2f} ms, queue {side['queue']:.2f} ms, runtime call {side['compute']:.2f} ms.",
         "",
         "## Throughput, closed loop, batch-1 requests "
