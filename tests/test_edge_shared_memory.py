@@ -144,6 +144,18 @@ def test_bad_registrations_and_slices_are_clear_errors_and_nothing_else_changes(
     np.testing.assert_array_equal(
         client.infer(ORT, [shm_input(0)]).as_numpy("logits"), plain_logits(client, x[:1])
     )
+    # Shared memory does not get around the message size limit (32 MiB here).
+    big_key = f"/rtq-test-big-{uuid.uuid4().hex[:8]}"
+    big = shm.create_shared_memory_region("big", big_key, 40 << 20)
+    try:
+        client.register_system_shared_memory("big", big_key, 40 << 20)
+        huge = grpcclient.InferInput("input", [56, 3, 224, 224], "FP32")
+        huge.set_shared_memory("big", 56 * FRAME_BYTES)
+        with pytest.raises(InferenceServerException, match="above this server's limit"):
+            client.infer(ORT, [huge])
+        client.unregister_system_shared_memory("big")
+    finally:
+        shm.destroy_shared_memory_region(big)
     # The client truncates its object while registered: an error, not SIGBUS in the server.
     os.truncate("/dev/shm/" + key.lstrip("/"), FRAME_BYTES // 2)
     with pytest.raises(InferenceServerException, match="was truncated"):

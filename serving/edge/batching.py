@@ -14,9 +14,9 @@ is too short for the work already queued ahead of it (CannotMeetDeadline): under
 is refused fast instead of timing out in the queue. The predicted wait (images ahead x the median
 compute time per image of the last batches) is corrected by how it has recently erred: every
 admitted request reports actual/predicted time, and the 95th percentile of the last 256 ratios
-multiplies the next predictions. Uncorrected, a queue filled right up to the deadline missed it for 40% of the
-admitted requests at 2x capacity, since batch times vary under load. `admit_fraction` (0.95 by
-default) keeps the rest of each deadline for the answer's way back.
+multiplies the next predictions. Uncorrected, a queue filled right up to the deadline missed it for
+40% of the admitted requests at 2x capacity, since batch times vary under load. `admit_fraction`
+(0.95 by default) keeps the rest of each deadline for the answer's way back.
 """
 
 from __future__ import annotations

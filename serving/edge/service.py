@@ -305,6 +305,12 @@ class InferenceService:
         if in_shm is not None:
             if raw is not None or tensor.contents.ByteSize():
                 raise invalid(f"input '{tensor.name}': both shared memory and data in the request; send one")
+            if in_shm.byte_size > self.max_message_bytes:  # the same bound as a request's own bytes
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"input '{tensor.name}': {in_shm.byte_size} bytes of shared memory is above this "
+                    f"server's limit of {self.max_message_bytes} bytes; send fewer images per request",
+                )
             raw = self.shm.read(in_shm, f"input '{tensor.name}'")
         max_batch = max(1, cfg.max_batch_size)
         if tensor.datatype in ("FP32", "UINT8"):
