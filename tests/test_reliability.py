@@ -191,9 +191,9 @@ def test_stall_watch_sees_a_frozen_process_and_places_requests_against_it():
     with StallWatch(threshold_ms=20) as watch:
         time.sleep(0.3)
         frozen_at = time.monotonic()
-        os.kill(watch._proc.pid, signal.SIGSTOP)
+        os.kill(watch.pid, signal.SIGSTOP)
         time.sleep(0.08)
-        os.kill(watch._proc.pid, signal.SIGCONT)
+        os.kill(watch.pid, signal.SIGCONT)
         time.sleep(0.3)
     assert watch.priority in ("SCHED_FIFO", "nice -10", "normal")
     # Only the frozen one is long (a loaded CI machine may add short ones at normal priority).

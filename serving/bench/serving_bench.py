@@ -103,14 +103,15 @@ def shared_frame(clients: dict, x1: np.ndarray):
     import tritonclient.grpc as grpcclient
     import tritonclient.utils.shared_memory as shm
 
-    handle = shm.create_shared_memory_region(SHM_REGION, f"/rtq-bench-{os.getpid()}", x1.nbytes)
+    key = f"/rtq-bench-{os.getpid()}"
+    handle = shm.create_shared_memory_region(SHM_REGION, key, x1.nbytes)
     registered = {}
     try:
         for name, c in clients.items():
             if "system_shared_memory" not in c.get_server_metadata().extensions:
                 continue
             try:
-                c.register_system_shared_memory(SHM_REGION, f"/rtq-bench-{os.getpid()}", x1.nbytes)
+                c.register_system_shared_memory(SHM_REGION, key, x1.nbytes)
             except Exception as exc:  # noqa: BLE001 - that server's shm row is left out, the rest runs
                 print(f"{name}: system shared memory refused ({exc}); no {name}_shm row", file=sys.stderr)
                 continue

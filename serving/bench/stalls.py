@@ -70,6 +70,11 @@ class StallWatch:
         self.priority = json.loads(self._proc.stdout.readline() or "{}").get("priority", "failed to start")
         return self
 
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "StallWatch is not running"
+        return self._proc.pid
+
     def __exit__(self, *exc: object) -> None:
         assert self._proc is not None
         self._proc.terminate()
