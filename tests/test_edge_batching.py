@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from serving.edge.batching import (
+    _LOAD_WINDOW_S,
     BatchObserver,
     BatchPolicy,
     CannotMeetDeadline,
@@ -305,6 +306,121 @@ def test_one_stalled_batch_does_not_refuse_the_short_queue_behind_it(runner):
         gated.gate.set()
         batcher.stop()
     assert all(exc is None for _, exc in rec.answers.values())
+
+
+def test_short_waits_that_ran_late_do_not_refuse_a_long_wait_that_fits(runner):
+    """Once long predictions have been seen to come true, short ones running late (fixed overhead
+    that is large as a ratio) must not inflate them: at 150 req/s a swell of 11 requests was
+    refused with its raw prediction at 64% of the deadline, multiplied by short waits' ratio 1.6."""
+    rec = Recorder()
+    gated = GatedRunner(runner)
+    gated.gate.set()
+    batcher = ModelBatcher([gated], BatchPolicy(max_batch_size=1), rec.observer())
+    key = 0
+    try:
+        batcher.submit(Pending(images(1, 0), None, rec.done(key)))
+        key += 1
+        rec.wait(key)
+        for _ in range(8):  # long waits that come true: deadline 4.5x each one's own prediction
+            per_image = batcher._per_image_s
+            assert per_image is not None
+            for ahead in range(5):
+                deadline = time.monotonic() + 4.5 * (ahead + 1) * per_image
+                batcher.submit(Pending(images(1, key), deadline, rec.done(key)))
+                key += 1
+            rec.wait(key)
+            wait_idle(batcher)
+        for _ in range(8):  # short waits, one in three held 30 ms (actual/predicted far above 4)
+            gated.gate.clear()
+            rec.taken.clear()
+            batcher.submit(Pending(images(1, key), None, rec.done(key)))
+            key += 1
+            assert rec.taken.wait(10)
+            time.sleep(0.03)
+            gated.gate.set()
+            for _ in range(2):  # ... and two not, so the median batch time stays a normal one's
+                rec.wait(key)
+                wait_idle(batcher)
+                batcher.submit(Pending(images(1, key), None, rec.done(key)))
+                key += 1
+            rec.wait(key)
+            wait_idle(batcher)
+        assert wait_correction(batcher._ratios) > 2.85  # one correction for all waits would refuse
+        assert batcher._correction < 2.85  # even the one used under overload
+        per_image = batcher._per_image_s
+        assert per_image is not None
+        gated.gate.clear()
+        rec.taken.clear()
+        for _ in range(4):
+            batcher.submit(Pending(images(1, key), None, rec.done(key)))
+            key += 1
+        assert rec.taken.wait(10)
+        # 5 images of work for this one: fits at the long waits' correction, not at 4x.
+        batcher.submit(Pending(images(1, key), time.monotonic() + 3 * 5 * per_image, rec.done(key)))
+        key += 1
+        gated.gate.set()
+        rec.wait(key)
+    finally:
+        gated.gate.set()
+        batcher.stop()
+
+
+def test_below_overload_a_swell_is_judged_by_the_typical_error_and_overloaded_by_the_p95(runner):
+    """The same queue and deadline: admitted while arrivals are below what compute can take (the
+    median of how late predictions ran decides), refused once the last half second brought more
+    work than that (the p95 does)."""
+    rec = Recorder()
+    gated = GatedRunner(runner)
+    gated.gate.set()
+    batcher = ModelBatcher([gated], BatchPolicy(max_batch_size=1, max_queue_size=400), rec.observer())
+    frame = images(1, 0)
+    key = 0
+
+    def submit(deadline: float | None) -> None:
+        nonlocal key
+        batcher.submit(Pending(frame, deadline, rec.done(key)))
+        key += 1
+
+    try:
+        submit(None)
+        rec.wait(key)
+        for i in range(50):  # long waits: most come true, one in eight held 30 ms (ratio >= 4)
+            per_image = batcher._per_image_s
+            assert per_image is not None
+            if i % 8 == 7:
+                gated.gate.clear()
+                rec.taken.clear()
+                submit(time.monotonic() + 4.5 * per_image)
+                assert rec.taken.wait(10)
+                time.sleep(0.03)
+                gated.gate.set()
+            else:
+                submit(time.monotonic() + 4.5 * per_image)
+            rec.wait(key)
+            wait_idle(batcher)
+        assert batcher._typical_correction < 2.0 < 2.85 < batcher._correction
+        per_image = batcher._per_image_s
+        assert per_image is not None
+        time.sleep(2 * _LOAD_WINDOW_S)  # what arrived while learning is out of the load window
+        for overload, queued in ((False, 4), (True, 300)):
+            gated.gate.clear()
+            rec.taken.clear()
+            for _ in range(queued):
+                submit(None)
+            assert rec.taken.wait(10)
+            # Its wait: `queued` images ahead and itself; fits at the median, not at the p95.
+            deadline = time.monotonic() + 3 * (queued + 1) * per_image
+            if overload:
+                with pytest.raises(CannotMeetDeadline):
+                    submit(deadline)
+            else:
+                submit(deadline)
+            gated.gate.set()
+            rec.wait(key)
+            wait_idle(batcher)
+    finally:
+        gated.gate.set()
+        batcher.stop()
 
 
 def test_admit_fraction_outside_zero_to_one_is_refused():
