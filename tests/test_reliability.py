@@ -202,7 +202,8 @@ def test_stall_watch_sees_a_frozen_process_and_places_requests_against_it():
     assert 60 < stall.ms < 500 and abs(stall.start - frozen_at) < 0.05
     assert watch.near(frozen_at - 0.05, 0.1) is stall  # due 50 ms before, 100 ms to answer: hit
     assert watch.near(frozen_at - 0.2, 0.1) is None  # answered before the stall began
-    assert watch.near(stall.end + 0.01, 0.1) is None  # due after it ended
+    assert watch.near(stall.end + 0.05, 0.1) is stall  # due just after: behind the queue it left
+    assert watch.near(stall.end + 0.15, 0.1) is None  # due more than an SLO after it ended
 
 
 # -- SIGTERM under load --------------------------------------------------------------------------

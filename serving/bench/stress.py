@@ -608,7 +608,7 @@ class SoakResult:
     p99_drift_pct: float | None = None  # last vs first window
     max_send_lag_ms: float = 0.0
     # Late wake-ups of a real-time 1 ms sleeper (serving.bench.stalls): [s from the start, ms], and
-    # how many errors had such a stall within their SLO (due -> due + SLO): the machine, not the server.
+    # how many errors had one within an SLO of their due time (before it: the queue it left).
     stall_priority: str = ""
     machine_stalls: list[list[float]] = field(default_factory=list)
     errors_near_stalls: int = 0
@@ -930,7 +930,8 @@ def soak_markdown(r: SoakResult) -> str:
         f"| RSS growth, last vs first window | {_f(r.rss_growth_pct, '%')} |",
         f"| load generator max send lag | {_f(r.max_send_lag_ms)} ms |",
         f"| machine stalls > 20 ms ({r.stall_priority} 1 ms sleeper): at s, ms | {stalls} |",
-        f"| errors with a stall within their SLO | {r.errors_near_stalls} of {r.errors} |",
+        f"| errors within one SLO of a stall (before or after their due time) | "
+        f"{r.errors_near_stalls} of {r.errors} |",
         f"| errors the load generator sent > {1000 * _LATE_SEND_S:g} ms late | "
         f"{r.errors_sent_late} of {r.errors} |",
         "",
