@@ -263,6 +263,8 @@ def test_rtq_bench_qat_writes_the_ablation_table(tmp_path: Path, data_root: Path
     assert all(0 <= r["top1"] <= 1 and r["val_images"] == 10 for r in rows)
     md = js.with_suffix(".md").read_text()
     assert "| w4a8 |" in md and "ptq" in md
+    lost = round((rows[1]["top1"] - rows[1]["top1_fp32"]) * 10)  # Δ as a count of the 10 val images
+    assert f"| {rows[1]['delta_pts']:+.2f} | {lost:+d} |" in md
     args.epochs = 1  # progressive 8 -> 4 needs two epochs: refused before any training
     with pytest.raises(RtqError, match="cannot cover"):
         ablation.main(args, "pytest")
@@ -286,6 +288,13 @@ def test_rtq_bench_qat_writes_the_ablation_table(tmp_path: Path, data_root: Path
     newest = max(out.glob("qat-ablation-*.json"), key=lambda f: f.stat().st_mtime_ns)
     named = sorted(r["method"] for r in json.loads(newest.read_text())["rows"])
     assert named == ["qat-kd-progressive-2ep", "qat-kd-progressive-6ep"], named
+    # A run that never pinned oscillating weights is its own method.
+    log["config"]["freeze_threshold"] = None
+    (longer / "log.json").write_text(json.dumps(log))
+    assert ablation.main(both, "pytest collect") == 0
+    newest = max(out.glob("qat-ablation-*.json"), key=lambda f: f.stat().st_mtime_ns)
+    named = sorted(r["method"] for r in json.loads(newest.read_text())["rows"])
+    assert named == ["qat-kd-progressive", "qat-kd-progressive-nofreeze"], named
     with pytest.raises(RtqError, match="no log.json"):
         ablation.main(parser.parse_args(["--collect", str(tmp_path)]), "pytest")
     (tmp_path / "broken").mkdir()

@@ -86,6 +86,8 @@ def method_of(config: dict) -> str:
         return "qat"
     widths = list(config["progressive"])
     mix = f"-mixup{config['mixup']:g}" if config.get("mixup") else ""
+    # Logs from before `--no-freeze` carry a threshold: they froze.
+    mix += "-nofreeze" if "freeze_threshold" in config and config["freeze_threshold"] is None else ""
     if not widths:
         return "qat-kd" + mix
     prog = "progressive" if widths == [8, 4, 2] else f"progressive-{'-'.join(map(str, widths))}"
@@ -220,13 +222,16 @@ def markdown(payload: dict) -> str:
         lines.append(f"| {precision} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| precision | method | epochs | crop px | top-1 | Δ pts | weights frozen | wall min | command |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| precision | method | epochs | crop px | top-1 | Δ pts | Δ images | weights frozen | wall min "
+        "| command |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
+        # Δ in images: a rounded Δ pts can read as on a target the count is one image short of.
+        images = round((r["top1"] - r["top1_fp32"]) * r["val_images"])
         lines.append(
             f"| {r['precision']} | {r['method']} | {r['epochs']} | {r.get('image_size') or 'serving'} | "
-            f"{100 * r['top1']:.2f} | {r['delta_pts']:+.2f} | {r['frozen_weights']} | "
+            f"{100 * r['top1']:.2f} | {r['delta_pts']:+.2f} | {images:+d} | {r['frozen_weights']} | "
             f"{r['wall_s'] / 60:.1f} | `{r.get('command', payload['command'])}` |"
         )
     lines.append("")
