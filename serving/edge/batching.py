@@ -128,8 +128,8 @@ def model_input(batch: Sequence[Pending]) -> np.ndarray:
 
 
 def wait_correction(ratios: Sequence[float], quantile: float = _RATIO_QUANTILE) -> float:
-    """What predicted waits are multiplied by: a high quantile (p95) of recent actual/predicted
-    ratios, never below 1 (an early finish is no reason to admit more) nor above 4."""
+    """What predicted waits are multiplied by: a quantile (p95 unless told) of recent
+    actual/predicted ratios, never below 1 (an early finish is no reason to admit more) nor above 4."""
     if not ratios:
         return 1.0
     ordered = sorted(ratios)
