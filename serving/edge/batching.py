@@ -315,12 +315,10 @@ class ModelBatcher:
             self.observer.computed(images, seconds)
             with self._cond:
                 self._computing_images -= images
-                ratios = [(finished - p.enqueued) / p.predicted_s for p in batch if p.predicted_s]
-                self._long_ratios.extend(
-                    (finished - p.enqueued) / p.predicted_s for p in batch if p.predicted_s and p.long_wait
-                )
-                if ratios:
-                    self._ratios.extend(ratios)
+                measured = [(p, (finished - p.enqueued) / p.predicted_s) for p in batch if p.predicted_s]
+                if measured:
+                    self._ratios.extend(r for _, r in measured)
+                    self._long_ratios.extend(r for p, r in measured if p.long_wait)
                     long_enough = len(self._long_ratios) >= _LONG_MIN
                     learned = self._long_ratios if long_enough else self._ratios
                     self._correction = wait_correction(learned)
