@@ -353,3 +353,70 @@ def test_the_locustfile_keeps_openvino_and_nncf_out():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-800:]
+
+
+# -- the load generator's own capacity, against the null server --------------------------------
+def test_generator_trial_holds_only_when_every_frame_left_and_under_1pct_missed():
+    from serving.bench.realtime import generator_held
+
+    ok = {"complete": True, "not_sent_overloaded": 0, "deadline_miss_rate": 0.0099}
+    assert generator_held(ok)
+    assert not generator_held(ok | {"deadline_miss_rate": 0.01})
+    assert not generator_held(ok | {"not_sent_overloaded": 3})
+    assert not generator_held(ok | {"complete": False})
+    assert not generator_held({"error": "locust did not finish in time", "complete": False})
+
+
+def test_generator_search_doubles_then_halves_the_gap():
+    from serving.bench.realtime import next_streams
+
+    assert next_streams(6, None) == 12
+    assert next_streams(24, 48) == 36
+    assert next_streams(36, 48) == 42
+    assert next_streams(42, 43) is None  # the gap is closed
+    assert next_streams(0, 1) is None  # not even one stream held
+
+
+def test_null_server_answers_zero_logits_per_image_and_refuses_unknown_models():
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "serving.bench.null_server", "--port", str(port), "--model", OV]
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert f"127.0.0.1:{port}" in proc.stdout.readline()
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        assert client.is_server_ready() and client.is_model_ready(OV)
+        assert not client.is_model_ready("nope")
+        inp = grpcclient.InferInput("input", [3, 3, 224, 224], "FP32")
+        inp.set_data_from_numpy(np.ones((3, 3, 224, 224), np.float32))
+        logits = client.infer(OV, [inp]).as_numpy("logits")
+        assert logits.shape == (3, 1000) and not logits.any()
+        with pytest.raises(InferenceServerException, match="unknown model"):
+            client.infer("nope", [inp])
+        client.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+
+
+def test_generator_capacity_is_measured_for_both_encodings(tmp_path: Path):
+    """Real Locust runs against the null server: the first trial (the server's rate) holds, and the
+    ratio is the held rate over the server's max."""
+    from serving.bench.realtime import RealtimeSettings, _generator_capacity
+    from serving.bench.report import generator_lines
+
+    s = RealtimeSettings(variants=(OV,), generator_seconds=2, generator_steps=2, images=10, warmup_s=0.5)
+    gen = _generator_capacity(s, 30.0, tmp_path, lambda m: None)
+    assert "error" not in gen, gen
+    for mode in ("tensor", "jpeg"):
+        g = gen["by_input"][mode]
+        first = g["trials"][0]
+        assert first["streams"] == 1 and first["held"], first
+        assert len(g["trials"]) == 2 and g["trials"][1]["streams"] == 2
+        assert g["vs_server_max"] == pytest.approx(g["max_frames_per_s"] / 30.0, abs=0.01)
+    text = "\n".join(generator_lines(gen))
+    assert "## Load-generator capacity" in text and "| jpeg | 2 | 60.0 |" in text

@@ -27,7 +27,7 @@ def test_serving_bench_measures_edge_plain_shared_memory_and_pixels_beside_the_r
         log=lambda msg: None,
     )
     lat = r["latency_ms"]
-    assert set(lat) == {"raw", "raw_paced", "edge", "edge_shm", "edge_uint8"}
+    assert set(lat) == {"raw", "raw_paced", "edge", "edge_shm", "edge_uint8", "null"}
     assert all(v["n"] == 25 and 0 < v["p50"] <= v["p99"] for v in lat.values())
     assert r["edge_shm_vs_raw_p50"] == round(lat["edge_shm"]["p50"] / lat["raw"]["p50"], 3)
     assert r["parity"]["edge_identical_top1"] == 8 and r["parity"]["edge_uint8_identical_logits"]
@@ -37,5 +37,9 @@ def test_serving_bench_measures_edge_plain_shared_memory_and_pixels_beside_the_r
     assert r["validity"]["reasons"] == ["25 latency runs < 200"]
     written = json.loads(next(tmp_path.glob("serving-*.json")).read_text())
     assert written["latency_ms"]["edge_shm"] == lat["edge_shm"]
-    assert "edge_shm" in next(tmp_path.glob("serving-*.md")).read_text()
+    # The empty server's round trip is the floor under the edge server's; both measured in this run.
+    assert r["null_vs_raw_p50"] == round(lat["null"]["p50"] / lat["raw"]["p50"], 3)
+    assert lat["null"]["p50"] < lat["edge"]["p50"]
+    md = next(tmp_path.glob("serving-*.md")).read_text()
+    assert "edge_shm" in md and "empty server" in md
     assert not list(Path("/dev/shm").glob("rtq-bench-*"))  # the frame's object is removed

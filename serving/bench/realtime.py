@@ -42,6 +42,9 @@ class RealtimeSettings:
     input: str = "tensor"
     locust_seconds: float = 10.0  # 0: no Locust run
     locust_workers: int = 0
+    # Seconds per Locust trial against the null server (serving/bench/null_server.py); 0: not measured.
+    generator_seconds: float = 10.0
+    generator_steps: int = 6
     build_missing: bool = False
     data: str = "imagenet-val"
 
@@ -51,6 +54,8 @@ class RealtimeSettings:
             raise RtqError(f"unknown server(s) {bad}; choose from {SERVERS}")
         if self.images < 1 or self.seconds <= 0 or self.fps <= 0 or self.slo_ms <= 0:
             raise RtqError("--images, --seconds, --fps and --slo-ms must be positive")
+        if self.generator_seconds < 0:
+            raise RtqError("--generator-seconds must be 0 (not measured) or positive")
         if not self.variants:
             raise RtqError("no variants given")
         if self.input == "jpeg" and "triton" in self.servers:
@@ -92,6 +97,14 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
         type=int,
         default=d.locust_workers,
         help="Locust workers (0: one local process) (default: %(default)s)",
+    )
+    sp.add_argument(
+        "--generator-seconds",
+        type=float,
+        default=None,
+        help="seconds per trial of the load generator's own capacity, measured against an empty "
+        "server with the same Locust workers, tensor and JPEG frames; 0 = not measured (default: "
+        f"{d.generator_seconds:g}; 0 with --quick)",
     )
     sp.add_argument("--build", action="store_true", help="build variants missing from the repository")
     sp.add_argument(
@@ -253,9 +266,22 @@ def _scrape(url: str) -> dict:
     return out
 
 
-def _locust(kind: str, url: str, model: str, users: int, s: RealtimeSettings, out: Path, log) -> dict:
-    """A headless `locust -f loadtest/realtime.py` run; its realtime summary (or why it failed)."""
-    prefix = out / f"locust-{kind}-{model}"
+def _locust(
+    kind: str,
+    url: str,
+    model: str,
+    users: int,
+    s: RealtimeSettings,
+    out: Path,
+    log,
+    input_mode: str | None = None,
+    seconds: float | None = None,
+) -> dict:
+    """A headless `locust -f loadtest/realtime.py` run (the settings' input and duration unless
+    given); its realtime summary (or why it failed)."""
+    input_mode = input_mode or s.input
+    seconds = s.locust_seconds if seconds is None else seconds
+    prefix = out / f"locust-{kind}-{model}-{input_mode}-{users}"
     common = [
         "--host",
         url,
@@ -266,14 +292,14 @@ def _locust(kind: str, url: str, model: str, users: int, s: RealtimeSettings, ou
         "--images",
         str(s.images),
         "--input",
-        s.input,
+        input_mode,
         "--warmup-s",
         str(s.warmup_s),
         "--data",
         s.data,
     ]
     locust = [sys.executable, "-m", "locust", "-f", str(PROJECT_ROOT / "loadtest" / "realtime.py")]
-    run_for = f"{max(1, int(s.locust_seconds + s.warmup_s))}s"
+    run_for = f"{max(1, int(seconds + s.warmup_s))}s"
     head = ["--headless", "-u", str(users), "-r", str(users), "-t", run_for, "--csv", str(prefix)]
     workers: list[subprocess.Popen] = []
     if s.locust_workers > 0:
@@ -309,7 +335,7 @@ def _locust(kind: str, url: str, model: str, users: int, s: RealtimeSettings, ou
     )
     try:
         r = subprocess.run(
-            cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=s.locust_seconds + s.warmup_s + 120
+            cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=seconds + s.warmup_s + 120
         )
     except subprocess.TimeoutExpired:
         return {"error": "locust did not finish in time", "complete": False}
@@ -327,6 +353,104 @@ def _locust(kind: str, url: str, model: str, users: int, s: RealtimeSettings, ou
     summary["locust_workers"] = s.locust_workers
     summary["stats_csv"] = str(Path(f"{prefix}_stats.csv").name)
     return summary
+
+
+def generator_held(summary: dict, max_miss_rate: float = 0.01) -> bool:
+    """Against a server that computes nothing, a trial holds when every frame was sent and fewer than
+    1% missed their deadline: then the misses a real server's run counts are not the generator's."""
+    return (
+        bool(summary.get("complete"))
+        and not summary.get("not_sent_overloaded")
+        and summary.get("deadline_miss_rate") is not None
+        and summary["deadline_miss_rate"] < max_miss_rate
+    )
+
+
+def next_streams(held: int, failed: int | None) -> int | None:
+    """Doubling until a trial fails, then halving the gap; None once the gap is closed."""
+    if failed is None:
+        return 2 * held if held else 1
+    step = (held + failed) // 2
+    return step if step > held else None
+
+
+def _generator_capacity(s: RealtimeSettings, server_max_qps: float | None, out: Path, log) -> dict:
+    """The load generator's own capacity: Locust (same workers) against the null server at rising
+    stream counts, for tensor and JPEG frames; the largest rate that held, against the servers' best
+    max qps of this run."""
+    from serving.bench import null_server
+
+    model = s.variants[0]
+    start = max(1, math.ceil(server_max_qps / s.fps)) if server_max_qps else 1
+    result: dict = {
+        "server_max_qps": server_max_qps,
+        "workers": s.locust_workers,
+        "seconds_per_trial": s.generator_seconds,
+        "by_input": {},
+    }
+    proc = None
+    try:
+        proc, url = null_server.start([model])
+        for mode in ("tensor", "jpeg"):
+            held, failed, n = 0, None, start
+            best: dict | None = None
+            trials = []
+            for _ in range(s.generator_steps):
+                log(f"generator capacity ({mode}): {n} streams against the null server")
+                r = _locust("null", url, model, n, s, out, lambda m: None, mode, s.generator_seconds)
+                ok = generator_held(r)
+                trials.append(
+                    {
+                        "streams": n,
+                        "offered_per_s": round(n * s.fps, 1),
+                        "held": ok,
+                        **{
+                            k: r.get(k)
+                            for k in (
+                                "throughput_per_s",
+                                "p50_ms",
+                                "p99_ms",
+                                "send_lag_p99_ms",
+                                "deadline_miss_rate",
+                                "not_sent_overloaded",
+                                "complete",
+                                "error",
+                            )
+                        },
+                    }
+                )
+                if ok:
+                    held, best = n, r
+                else:
+                    failed = n
+                nxt = next_streams(held, failed)
+                if nxt is None or proc.poll() is not None:
+                    break
+                n = nxt
+            rate = best.get("throughput_per_s") if best else None
+            result["by_input"][mode] = {
+                "max_streams": held,
+                "max_frames_per_s": rate,
+                "vs_server_max": round(rate / server_max_qps, 2) if rate and server_max_qps else None,
+                "trials": trials,
+            }
+    except RtqError as exc:
+        result["error"] = str(exc)
+    finally:
+        if proc is not None:
+            null_server.stop(proc)
+    return result
+
+
+def best_server_max(servers: dict) -> float | None:
+    """The highest max qps within the p99 bound of any server and variant in this run."""
+    found = [
+        res["server"]["max_qps_within_bound"]
+        for srv in servers.values()
+        for res in srv.get("variants", {}).values()
+        if res.get("server", {}).get("max_qps_within_bound")
+    ]
+    return max(found) if found else None
 
 
 def _run_server(
@@ -461,6 +585,10 @@ def run_realtime(
         for kind in s.servers:
             r = _run_server(kind, repository, s, frames, tensor_frames, work, log)
             result["servers"][kind] = asdict(r)
+        if s.generator_seconds > 0:
+            result["generator"] = _generator_capacity(s, best_server_max(result["servers"]), work, log)
+            if "error" in result["generator"]:
+                result["errors"].append("generator capacity: " + result["generator"]["error"])
     except RtqError as exc:
         result["errors"].append(str(exc))
         log(f"rtq bench realtime: error: {exc}")
@@ -489,6 +617,9 @@ def main(args: argparse.Namespace, command: str) -> int:
         input=args.input,
         locust_seconds=args.locust_seconds,
         locust_workers=args.locust_workers,
+        generator_seconds=RealtimeSettings.generator_seconds
+        if args.generator_seconds is None
+        else args.generator_seconds,
         build_missing=args.build,
     )
     if args.quick:
@@ -498,6 +629,7 @@ def main(args: argparse.Namespace, command: str) -> int:
             images=min(s.images, 100),
             search_steps=3,
             locust_seconds=min(s.locust_seconds, 5.0),
+            generator_seconds=args.generator_seconds or 0.0,
         )
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     result = run_realtime(Path(args.repository), s, Path(args.out), args.data_root, command, log)

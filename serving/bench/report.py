@@ -229,13 +229,67 @@ def markdown(result: dict) -> str:
         if "error" in lc:
             lines.append(f"- {kind}: failed: {lc['error']}")
             continue
+        offline = result.get("offline_accuracy", {}).get(lc.get("model"))
+        delta = (
+            f" ({100 * (lc['accuracy'] - offline):+.2f} points vs offline {offline})"
+            if offline is not None and lc.get("accuracy") is not None
+            else ""
+        )
         lines.append(
             f"- {kind}: {lc['users']} streams x {lc['fps_per_stream']} FPS, {lc['queries']} frames, "
             f"p50 {lc['p50_ms']} ms, p99 {lc['p99_ms']} ms, {lc['throughput_per_s']}/s, deadline misses "
-            f"{lc['deadline_misses']} ({lc['deadline_miss_rate']}), accuracy under load {lc['accuracy']}, "
-            f"load-generator send lag p99 {lc['send_lag_p99_ms']} ms, complete: {lc['complete']}"
+            f"{lc['deadline_misses']} ({lc['deadline_miss_rate']}), accuracy under load {lc['accuracy']}"
+            f"{delta}, load-generator send lag p99 {lc['send_lag_p99_ms']} ms, complete: {lc['complete']}"
         )
+    lines += generator_lines(result.get("generator"))
     return "\n".join(lines) + "\n"
+
+
+def generator_summary(gen: dict, mode: str) -> str:
+    g = gen["by_input"][mode]
+    ratio = f"{g['vs_server_max']}x" if g.get("vs_server_max") is not None else "n/a"
+    return (
+        f"{mode}: {g['max_frames_per_s']} frames/s held ({g['max_streams']} streams) = **{ratio}** the "
+        f"best server max of this run ({gen['server_max_qps']} qps)"
+    )
+
+
+def generator_lines(gen: dict | None) -> list[str]:
+    """The load generator's own capacity, measured against the null server (aim: >= 5x the server)."""
+    if not gen:
+        return []
+    workers = gen["workers"] or "one process, no"
+    lines = [
+        "",
+        "## Load-generator capacity (Locust against an empty server)",
+        "",
+        f"The same `locust -f loadtest/realtime.py` ({workers} workers) against "
+        "`serving/bench/null_server.py`, which answers zero logits without computing: "
+        f"{gen['seconds_per_trial']} s per trial, streams "
+        "doubled until a trial fails, then the gap halved. A trial holds when every frame was sent and "
+        "< 1% missed the frame-interval deadline. Servers and generator share the same cores here.",
+        "",
+    ]
+    if "error" in gen:
+        lines.append(f"- failed: {gen['error']}")
+    for mode in gen.get("by_input", {}):
+        lines.append(f"- {generator_summary(gen, mode)} (aim >= 5x)")
+    lines += [
+        "",
+        "| input | streams | offered /s | answered /s | p50 ms | p99 ms | send lag p99 ms | miss rate "
+        "| held |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for mode, g in gen.get("by_input", {}).items():
+        for tr in g["trials"]:
+            lines.append(
+                f"| {mode} | {tr['streams']} | {tr['offered_per_s']} | "
+                f"{_fmt(tr.get('throughput_per_s'), 1)} | "
+                f"{_fmt(tr.get('p50_ms'), 1)} | {_fmt(tr.get('p99_ms'), 1)} | "
+                f"{_fmt(tr.get('send_lag_p99_ms'), 1)} | {_fmt(tr.get('deadline_miss_rate'), 4)} | "
+                f"{'yes' if tr['held'] else 'no' + (': ' + tr['error'] if tr.get('error') else '')} |"
+            )
+    return lines
 
 
 def _b64(path: Path) -> str:
@@ -265,6 +319,12 @@ def _html(result: dict, md: str, pngs: list[Path]) -> str:
             f"<div class='col'><h2>{html.escape(kind)}</h2><table><tr>{head}</tr>{body}</table>"
             f"<p>{html.escape(lc_line)}</p><ul class='err'>{errs}</ul></div>"
         )
+    gen = result.get("generator")
+    if gen and gen.get("by_input"):
+        items = "".join(
+            f"<li>{html.escape(generator_summary(gen, m).replace('**', ''))}</li>" for m in gen["by_input"]
+        )
+        cols.append(f"<div class='col'><h2>load generator (vs an empty server)</h2><ul>{items}</ul></div>")
     imgs = "".join(
         f"<img alt='{html.escape(p.stem)}' src='data:image/png;base64,{_b64(p)}'>"
         for p in pngs

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.bench import null_server
 from serving.bench.results import write_results
 from serving.errors import RtqError
 from serving.settings import PROJECT_ROOT, default_data_root, default_results_dir
@@ -291,6 +292,7 @@ def run_serving_bench(
     )
     procs: dict[str, subprocess.Popen] = {}
     triton_server = None
+    null_proc = None
     targets: dict[str, str] = {}
     load_before = [round(v, 2) for v in os.getloadavg()]
     result: dict = {
@@ -320,6 +322,7 @@ def run_serving_bench(
             targets["triton"] = f"127.0.0.1:{tg}"
             procs["triton"] = triton_server.process
         result["load_seconds"] = load_s
+        null_proc, null_url = null_server.start([variant_name])
         time.sleep(2)  # let start-up work settle before measuring memory
         result["memory"] = {k: tree_memory(p.pid) for k, p in procs.items()}
 
@@ -348,6 +351,10 @@ def run_serving_bench(
             calls["edge_uint8"] = lambda: clients["edge"].infer(variant_name, u8_reqs)
             for name, c in shm_clients.items():
                 calls[f"{name}_shm"] = lambda c=c: (write_frame(), c.infer(variant_name, shm_reqs))
+            # "null": the same request to a server that computes nothing (serving/bench/null_server.py):
+            # the floor of client + gRPC + a Python handler under any server's batch-1 latency.
+            null_client = _client(null_url)
+            calls["null"] = lambda: null_client.infer(variant_name, reqs)
             # "raw_paced" idles PACE_S between calls, as a server's runtime does between requests: on
             # a busy machine the scheduler favours threads that sleep, so back-to-back calls alone
             # would make the raw runtime look slower than the same runtime inside a server.
@@ -376,6 +383,7 @@ def run_serving_bench(
                         samples[name].append(1000 * (time.perf_counter() - t0))
                 done += step
             after = clients["edge"].get_inference_statistics(variant_name).model_stats[0].inference_stats
+            null_client.close()
 
         def mean_ms(field: str) -> float:
             a, b = getattr(after, field), getattr(before, field)
@@ -391,7 +399,7 @@ def run_serving_bench(
         lat = result["latency_ms"]
         result["edge_vs_raw_p50"] = round(lat["edge"]["p50"] / lat["raw"]["p50"], 3)
         result["edge_vs_raw_paced_p50"] = round(lat["edge"]["p50"] / lat["raw_paced"]["p50"], 3)
-        for kind in ("edge_shm", "edge_uint8"):
+        for kind in ("edge_shm", "edge_uint8", "null"):
             if kind in lat:
                 result[f"{kind}_vs_raw_p50"] = round(lat[kind]["p50"] / lat["raw"]["p50"], 3)
         runner.close()
@@ -438,6 +446,8 @@ def run_serving_bench(
     finally:
         if runner is not None:
             runner.close()
+        if null_proc is not None:
+            null_server.stop(null_proc)
         if triton_server is not None:
             triton_server.stop()
         if "edge" in procs and procs["edge"].poll() is None:
@@ -517,6 +527,13 @@ def markdown(r: dict) -> str:
             f"logits: {r['parity'].get('edge_uint8_identical_logits')}): "
             f"**{r['edge_uint8_vs_raw_p50']:.2f}x**. "
             if "edge_uint8_vs_raw_p50" in r
+            else ""
+        )
+        + (
+            f"The same FP32 request to an empty server (`null`: no model, answers zeros) takes "
+            f"{lat['null']['p50']:.2f} ms p50 ({r['null_vs_raw_p50']:.2f}x the raw runtime), while 1.15x "
+            f"leaves {0.15 * lat['raw']['p50']:.2f} ms for transport and handling together. "
+            if "null_vs_raw_p50" in r
             else ""
         )
         + "Inside the edge server during this phase (ModelStatistics means over all request kinds): request "
