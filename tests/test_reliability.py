@@ -185,6 +185,27 @@ def test_a_sustainable_rate_must_also_hold_for_longer(monkeypatch):
     assert "held 18 s: 145.8/s ok" in stress.sustainable_markdown(r)
 
 
+def test_holding_a_rate_allows_no_error_where_the_bisection_allowed_under_1pct(monkeypatch):
+    """A machine that answers in time up to 200 req/s but, above 150 req/s, misses 1 request in 200
+    (0.5%: a bisection trial passes): the confirmation steps down to a rate with none."""
+    from serving.bench import stress
+
+    def fake_open_loop(url, payload, phases, deadline_s):
+        ((rate, secs),) = phases
+        n = int(rate * secs)
+        late = 0.5 if rate > 200 else 0.01
+        code = (lambda k: "DEADLINE_EXCEEDED" if k % 200 == 199 else "OK") if rate > 150 else (lambda k: "OK")
+        return 0.0, [Shot(k / rate, k / rate, k / rate + late, code(k)) for k in range(n)]
+
+    monkeypatch.setattr(stress, "open_loop", fake_open_loop)
+    r = stress.probe_sustainable_rate("unused", ORT, 400.0, seconds=6, payload=b"x", confirm_tries=4)
+    short = [t for t in r.trials if not t["confirm"]]
+    held = [t for t in r.trials if t["confirm"]]
+    assert max(t["rate_rps"] for t in short if t["passed"]) == 200  # 0.5% errors pass a short trial
+    assert [t["passed"] for t in held] == [False, False, False, True]  # 200, 180, 162, 145.8
+    assert held[0]["error_pct"] == 0.5 and r.rate_rps == 145.8
+
+
 def test_stall_watch_sees_a_frozen_process_and_places_requests_against_it():
     """The sleeper that tells the soak's machine stalls from the server's: frozen 80 ms (SIGSTOP, as a
     host preempting the VM would), it reports one stall of about that length, at that time."""

@@ -248,17 +248,20 @@ def probe_sustainable_rate(
     confirm_tries: int = 3,
 ) -> SustainableRate:
     """Bisection over open-loop rates in (0, upper_rps] (e.g. the closed-loop capacity), then the rate
-    found must hold for `confirm_s` too, else 10% less is tried (up to `confirm_tries` times): a 6 s
-    trial once passed 245 req/s on a machine whose 10 min soak at 196 req/s then failed 1.9%."""
+    found must hold for `confirm_s` with no error at all, else 10% less is tried (up to
+    `confirm_tries` times): a 6 s trial once passed 245 req/s on a machine whose 10 min soak at
+    196 req/s then failed 1.9%, and confirmations passed at 0.69% errors twice before soaks that
+    each failed with thousands of errors (the soak's own check is 0 errors)."""
     payload = payload or infer_request(model)
     result = SustainableRate(model, slo_ms, 0.0)
 
     def passes(rate: float, secs: float, confirm: bool = False) -> bool:
         start, shots = open_loop(url, payload, [(rate, secs)], slo_ms / 1000)
         measured = [s for s in shots if s.due >= start + 1.0]  # the first second warms up
-        errors = 100 * sum(s.code != "OK" for s in measured) / max(1, len(measured))
+        failed = sum(s.code != "OK" for s in measured)
+        errors = 100 * failed / max(1, len(measured))
         p99 = _pct(_ok_latencies(measured), 99)
-        ok = p99 is not None and p99 <= slo_ms and errors < max_error_pct
+        ok = p99 is not None and p99 <= slo_ms and (failed == 0 if confirm else errors < max_error_pct)
         result.trials.append({"rate_rps": round(rate, 1), "p99_ms": p99, "error_pct": round(errors, 2),
                               "passed": ok, "seconds": secs, "confirm": confirm})  # fmt: skip
         return ok
@@ -862,7 +865,8 @@ def sustainable_markdown(r: SustainableRate) -> str:
 
     return (
         f"Sustainable open-loop rate of `{r.model}`: **{_f(r.rate_rps)} req/s** at p99 <= {r.slo_ms:g} ms "
-        f"and < 1% errors (bisection, then held longer: {', '.join(one(t) for t in r.trials)})\n"
+        f"and < 1% errors in the bisection, then held longer with 0 errors "
+        f"({', '.join(one(t) for t in r.trials)})\n"
     )
 
 
