@@ -2,7 +2,8 @@
 
 For each server: check (or build) the variants, start the server on loopback, run the scenarios
 (accuracy, single-stream, offline, server search at the p99 bound, 30-FPS streams search), a short
-headless `locust -f loadtest/realtime.py` run, scrape its Prometheus endpoint, stop it. Then one
+headless `locust -f loadtest/realtime.py` run, scrape its Prometheus endpoint, stop it. Then the
+load generator's own capacity, against an empty server (serving/bench/null_server.py). Then one
 summary JSON, Markdown, PNG plots and a single-file HTML report (serving/bench/report.py).
 
 Any failure (server will not start, dies mid-run, bad input) ends that part with one clear line;

@@ -247,6 +247,8 @@ def markdown(result: dict) -> str:
 
 def generator_summary(gen: dict, mode: str) -> str:
     g = gen["by_input"][mode]
+    if not g.get("max_frames_per_s"):
+        return f"{mode}: no trial held, down to {g['trials'][-1]['streams']} streams"
     ratio = f"{g['vs_server_max']}x" if g.get("vs_server_max") is not None else "n/a"
     return (
         f"{mode}: {g['max_frames_per_s']} frames/s held ({g['max_streams']} streams) = **{ratio}** the "
