@@ -21,7 +21,7 @@ import time
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
-from serving.edge.service import SERVICE
+from serving.edge.service import SERVICE, unary
 from serving.errors import RtqError
 from serving.settings import PROJECT_ROOT
 
@@ -74,11 +74,6 @@ def null_response(request: pb.ModelInferRequest, classes: int = CLASSES) -> pb.M
 
 
 def _handler(service: NullService) -> grpc.GenericRpcHandler:
-    def unary(fn, req, resp):
-        return grpc.unary_unary_rpc_method_handler(
-            fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
-        )
-
     methods = {
         "ServerLive": unary(service.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
         "ServerReady": unary(service.ServerReady, pb.ServerReadyRequest, pb.ServerReadyResponse),
@@ -155,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8011, help="gRPC port (0: any free one, printed)")
     ap.add_argument("--model", action="append", required=True, help="a model name to answer for (repeatable)")
     args = ap.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        ap.error(f"--port must be 0-65535, got {args.port}")
     asyncio.run(serve(args.host, args.port, args.model))
     return 0
 

@@ -435,14 +435,15 @@ class InferenceService:
         self.shm.close()
 
 
+def unary(fn, req, resp) -> grpc.RpcMethodHandler:
+    """A unary method that takes and answers the given protobuf messages."""
+    return grpc.unary_unary_rpc_method_handler(
+        fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+    )
+
+
 def generic_handler(service: InferenceService) -> grpc.GenericRpcHandler:
     """Method table for the service. ModelInfer takes raw bytes so the size limit is ours to answer."""
-
-    def unary(fn, req, resp):
-        return grpc.unary_unary_rpc_method_handler(
-            fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
-        )
-
     methods = {
         "ServerLive": unary(service.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
         "ServerReady": unary(service.ServerReady, pb.ServerReadyRequest, pb.ServerReadyResponse),
