@@ -120,7 +120,7 @@ def test_sensitivity_measures_single_layers(fp32, calib):
     assert hypotheses(results, bits=2)  # verdicts computed on what was measured
 
 
-def test_knapsack_meets_the_budget_and_spends_bits_where_they_matter(fp32):
+def test_knapsack_meets_the_budget_and_spends_bits_where_they_matter(fp32, tmp_path: Path):
     _, model = fp32
     layers = layers_of(model)
     # Synthetic sensitivities: only the depthwise layers suffer at low bits.
@@ -135,6 +135,14 @@ def test_knapsack_meets_the_budget_and_spends_bits_where_they_matter(fp32):
     assert alloc.bits["classifier"] < 8
     with pytest.raises(RtqError, match="cannot be met"):
         allocate(layers, sens, fp32_bytes, 40.0)
+    from serving.quantize.mixed import mixed_plan
+    from serving.quantize.plan import save_plan
+
+    plan = load_plan(save_plan(mixed_plan("m", alloc, symmetric=False), tmp_path / "m.yaml"))
+    by_name = {layer.name: layer for layer in layers}
+    assert not plan.quant_for(by_name["classifier"]).symmetric  # low bits get a zero point
+    eight = [name for name, b in alloc.bits.items() if b == 8]
+    assert eight and all(plan.quant_for(by_name[n]).symmetric for n in eight)  # int8 storage cannot
 
 
 def test_the_allocated_size_is_the_built_file_size(small_repository: Path, fp32, calib, tmp_path: Path):
@@ -248,3 +256,85 @@ def test_a_spec_with_a_plan_builds_served_packed_variants(tmp_path: Path, data_r
     with pytest.raises(RtqError, match="precision plan missing.yaml not found"):
         parse_spec({"models": [{"model": "efficientnet_lite0", "plans": ["missing.yaml"]}]},
                    str(tmp_path / "spec.yaml"))  # fmt: skip
+
+
+def test_input_moment_is_the_mean_outer_product_of_im2col_rows():
+    import torch
+    import torch.nn.functional as F
+
+    from serving.quantize.graph import Layer
+    from serving.quantize.ptq import input_moment
+
+    x = RNG.standard_normal((6, 4, 9, 9)).astype(np.float32)
+    dw = Layer("dw", "Conv", "w", None, "x", "depthwise", (4, 1, 3, 3), (2, 2), (1, 1, 1, 1), group=4)
+    u = F.unfold(F.pad(torch.from_numpy(x), (1, 1, 1, 1)), 3, stride=2).double()  # (6, 36, 25)
+    rows = u.permute(1, 0, 2).reshape(4, 9, -1)
+    expect = (rows @ rows.transpose(1, 2) / rows.shape[-1]).numpy()
+    assert np.allclose(input_moment(dw, x), expect)
+    fc = Layer("fc", "Gemm", "w", None, "x", "classifier", (3, 5))
+    v = RNG.standard_normal((7, 5))
+    assert np.allclose(input_moment(fc, v), (v.T @ v / 7)[None])
+
+
+def test_clipping_for_the_output_beats_clipping_for_the_weights_on_the_output():
+    # Inputs with one dominant direction: the weight error that matters is the one along it.
+    d = 64
+    basis = np.linalg.qr(RNG.standard_normal((d, d)))[0]
+    x = RNG.standard_normal((4096, d)) * np.geomspace(30, 0.1, d) @ basis.T
+    moment = (x.T @ x / len(x))[None]
+    w = RNG.standard_t(3, size=(32, d)).astype(np.float32)
+    spec = WeightQuant(2)
+
+    def out_err(q) -> float:
+        e = q.dequantize() - w
+        return float(np.einsum("od,de,oe->", e, moment[0], e))
+
+    assert out_err(quantize_weight(w, spec, moment)) < 0.9 * out_err(quantize_weight(w, spec))
+    with pytest.raises(RtqError, match="per channel"):
+        quantize_weight(w, WeightQuant(2, per_channel=False), moment)
+
+
+def test_learned_rounding_is_kept_only_where_it_beats_nearest_on_unseen_images(fp32, calib):
+    from serving.quantize.ptq import input_moment, layer_input, validated_rounding
+
+    _, model = fp32
+    layers = {lay.name: lay for lay in layers_of(model)}
+    # A classifier fed 20 pooled vectors has 1.28M rounding choices: learned rounding memorizes them.
+    fc = layers["classifier"]
+    w, b = initializer(model, fc.weight), initializer(model, fc.bias)
+    x = layer_input(model, fc, calib[:20])
+    qw = quantize_weight(w, WeightQuant(2), input_moment(fc, x[:16]))
+    assert validated_rounding(fc, w, b, qw, x, x, iters=60)[1] == "nearest"
+    # A pointwise conv at 112 px sees 12,544 rows of 32 per image: learned rounding generalizes.
+    pw = layers["blocks.1.0.conv_pw"]
+    w, b = initializer(model, pw.weight), initializer(model, pw.bias)
+    x = layer_input(model, pw, calib[:10])
+    qw = quantize_weight(w, WeightQuant(2), input_moment(pw, x[:8]))
+    assert validated_rounding(pw, w, b, qw, x, x, iters=400)[1] == "adaround"
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_asymmetric_weights_pack_signed_and_unpack_to_zero_point_free_int8(bits: int):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from serving.quantize.lowbit_export import signed_storage
+
+    w = (RNG.standard_normal((6, 5)) + np.linspace(-1, 2, 6)[:, None]).astype(np.float32)  # off-centre rows
+    qw = quantize_weight(w, WeightQuant(bits, symmetric=False))
+    assert qw.q.min() >= 0 and qw.q.max() == 2**bits - 1 and qw.zero_point.any()
+    q, zp = signed_storage(qw)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w", "s", "z"], ["y"], axis=0)], "g", [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6, 5])],
+        [numpy_helper.from_array(q, "w"), numpy_helper.from_array(qw.scale, "s"),
+         numpy_helper.from_array(zp, "z")],
+    )  # fmt: skip
+    packed = pack(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), {"w": bits})
+    assert is_packed(packed)
+    import onnxruntime as ort
+
+    for model in (packed, unpack(packed)):
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert np.allclose(sess.run(None, {})[0], qw.dequantize())
+    unpacked = {t.name: numpy_helper.to_array(t) for t in unpack(packed).graph.initializer}
+    assert unpacked["w"].dtype == np.int8 and not unpacked["z"].any()

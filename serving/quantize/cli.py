@@ -32,6 +32,11 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
                     help="write a mixed-precision plan per target compression ratio vs FP32 (e.g. 5.5 8)")
     sp.add_argument("--widths", type=int, nargs="+", default=[2, 4, 8],
                     help="widths the allocation may use (default: 2 4 8)")
+    sp.add_argument("--method", default="adaround", choices=["rtn", "rtn-bc", "adaround", "adaround-oc"],
+                    help="rounding method of allocated plans (default: %(default)s)")
+    sp.add_argument("--asymmetric", action="store_true",
+                    help="allocated plans give weights below 8 bits a per-channel zero point "
+                         "(at 2 bits a symmetric grid has one positive level: -2, -1, 0, 1)")
     sp.add_argument("--plan-dir", default=str(PROJECT_ROOT / "specs" / "plans"),
                     help="where allocated plans go (default: %(default)s)")
     sp.add_argument("--list-layers", action="store_true", help="print the quantizable layers and exit")
@@ -78,5 +83,6 @@ def main(args: argparse.Namespace, command: str) -> int:
             print(f"{h['verdict']:>14}: {h['hypothesis']}")
     if args.allocate:
         widths = tuple(args.widths)
-        allocate_plans(args.model, args.weights, results, args.allocate, widths, Path(args.plan_dir))
+        allocate_plans(args.model, args.weights, results, args.allocate, widths, Path(args.plan_dir),
+                       method=args.method, symmetric=not args.asymmetric)
     return 0

@@ -16,6 +16,8 @@ WEIGHT_BITS = (2, 3, 4, 6, 8)
 ACT_BITS = (4, 8)
 # Clipping ratios tried per channel: at 4 bits and below, clipping outliers beats max scaling.
 _CLIP_GRID = np.linspace(0.35, 1.0, 27)
+# Output-error clipping goes lower: at 2 bits the classifier's best clips sit near 0.3 of the max.
+_OUTPUT_CLIP_GRID = np.linspace(0.2, 1.0, 33)
 
 
 @dataclass(frozen=True)
@@ -73,17 +75,32 @@ def _round(x2d: np.ndarray, scale: np.ndarray, zp: np.ndarray, spec: WeightQuant
     return np.clip(np.round(x2d / scale[:, None]) + zp[:, None], spec.qmin, spec.qmax)
 
 
-def quantize_weight(w: np.ndarray, spec: WeightQuant) -> QuantizedWeight:
-    """Round-to-nearest on a per-channel (axis 0) or per-tensor grid, clipping chosen by MSE."""
+def _output_error(e: np.ndarray, moment: np.ndarray) -> np.ndarray:
+    """Per output channel e H e^T: the layer's mean squared output error for weight error e."""
+    groups, d = moment.shape[0], moment.shape[-1]
+    eg = e.reshape(groups, -1, d)
+    return (np.matmul(eg, moment) * eg).sum(axis=-1).reshape(-1)
+
+
+def quantize_weight(w: np.ndarray, spec: WeightQuant, moment: np.ndarray | None = None) -> QuantizedWeight:
+    """Round-to-nearest on a per-channel (axis 0) or per-tensor grid, clipping chosen by MSE.
+
+    With `moment` (per group, E[x x^T] of the layer's input as im2col rows, shape (G, d, d)),
+    each channel's clipping minimizes its output error instead of its weight error: at 2 bits
+    the two pick different clips, and the output is what the network sees.
+    """
     x = _channels(w.astype(np.float32), spec.per_channel)
     lo, hi = x.min(axis=1), x.max(axis=1)
     best_scale, best_zp = _scale_zp(lo, hi, spec)
+    if moment is not None and not spec.per_channel:
+        raise RtqError("output-error clipping is per channel; per-tensor scales use weight MSE")
     if spec.search_scale:
         best_err = np.full(x.shape[0], np.inf)
-        for r in _CLIP_GRID:
+        for r in _CLIP_GRID if moment is None else _OUTPUT_CLIP_GRID:
             scale, zp = _scale_zp(lo * r, hi * r, spec)
             q = _round(x, scale, zp, spec)
-            err = (((q - zp[:, None]) * scale[:, None] - x) ** 2).sum(axis=1)
+            e = (q - zp[:, None]) * scale[:, None] - x
+            err = (e**2).sum(axis=1) if moment is None else _output_error(e, moment)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_scale = np.where(better, scale, best_scale)

@@ -18,9 +18,21 @@ import onnx
 from onnx import numpy_helper
 
 from serving.errors import RtqError
+from serving.quantize.lowbit import QuantizedWeight
 from serving.quantize.packing import pack, packed_fraction
 from serving.quantize.plan import STORAGE_BITS, PrecisionPlan
-from serving.quantize.ptq import Log, QuantizedLayer, fake_quantized, quantize_layers
+from serving.quantize.ptq import PTQ_VERSION, Log, QuantizedLayer, fake_quantized, quantize_layers
+
+
+def signed_storage(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """Integers and zero points as signed values of the weight's width: ONNX INT2/INT4 are signed.
+
+    Asymmetric grids count from 0 (2 bits: 0..3); shifting both by half the range keeps q - zp,
+    hence every dequantized value, exactly.
+    """
+    shift = 0 if qw.spec.symmetric else 2 ** (qw.spec.bits - 1)
+    q = (qw.q.astype(np.int16) - shift).astype(np.int8)
+    return q, (qw.zero_point.astype(np.int16) - shift).astype(np.int8)
 
 
 def _patch(model: onnx.ModelProto, qlayers: list[QuantizedLayer]) -> dict[str, int]:
@@ -40,10 +52,11 @@ def _patch(model: onnx.ModelProto, qlayers: list[QuantizedLayer]) -> dict[str, i
         if ql is None:
             raise RtqError(f"quantized graph has a weight {weight} the plan did not quantize")
         x_name, s_name, z_name = dq.input[0], dq.input[1], dq.input[2]
+        q, zp = signed_storage(ql.weight)
         for name, value in (
-            (x_name, ql.weight.q.astype(np.int8)),
+            (x_name, q),
             (s_name, ql.weight.scale.astype(np.float32)),
-            (z_name, ql.weight.zero_point.astype(np.int8)),
+            (z_name, zp),
         ):
             model.graph.initializer[inits[name]].CopyFrom(numpy_helper.from_array(value, name))
         # Corrected biases reach the graph through fake_quantized(); align_bias_scales rescales them.
@@ -117,6 +130,7 @@ def build_lowbit(
         h = hashlib.sha256(Path(fp32_onnx).read_bytes())
         h.update(json.dumps(plan.to_dict(), sort_keys=True).encode())
         h.update(np.ascontiguousarray(calibration[: plan.calibration_images]).tobytes())
+        h.update(f"ptq-{PTQ_VERSION}".encode())
         key = cache_dir / h.hexdigest()[:24]
         if key.with_suffix(".onnx").is_file() and key.with_suffix(".json").is_file():
             cached = onnx.load(str(key.with_suffix(".onnx")))

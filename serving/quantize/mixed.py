@@ -114,11 +114,13 @@ def mixed_plan(
     act_bits: int = 8,
     calibration_images: int = 256,
     description: str = "",
+    symmetric: bool = True,
 ) -> PrecisionPlan:
     from serving.quantize.lowbit import WeightQuant
 
+    # 8-bit layers stay symmetric whatever this says (PrecisionPlan.quant_for): int8 storage.
     return PrecisionPlan(
-        name=name, method=method, weights=WeightQuant(8), act_bits=act_bits,
+        name=name, method=method, weights=WeightQuant(8, symmetric=symmetric), act_bits=act_bits,
         layers=dict(allocation.bits), calibration_images=calibration_images,
         description=description or f"knapsack allocation for <= {allocation.budget_bytes} bytes",
     )  # fmt: skip

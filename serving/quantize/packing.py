@@ -61,13 +61,31 @@ def is_packed(model: onnx.ModelProto) -> bool:
 
 
 def unpack(model: onnx.ModelProto) -> onnx.ModelProto:
-    """INT4/INT2 initializers -> INT8 with the same values; back to opset 18 for every runtime."""
+    """INT4/INT2 initializers -> INT8 with the same values; back to opset 18 for every runtime.
+
+    A weight with zero points (an asymmetric grid) becomes q - zp with zero points 0: the same
+    dequantized values (|q - zp| <= 15 fits int8), and INT8 kernels take symmetric weights.
+    """
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    for i, t in enumerate(out.graph.initializer):
-        if t.data_type in PACKED_TYPES.values():
-            values = numpy_helper.to_array(t).astype(np.int8)
-            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(values, t.name))
+    index = {t.name: i for i, t in enumerate(out.graph.initializer)}
+    values = {t.name: numpy_helper.to_array(t).astype(np.int16) for t in out.graph.initializer
+              if t.data_type in PACKED_TYPES.values()}  # fmt: skip
+    for node in out.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or node.input[0] not in values:
+            continue
+        zp = values.get(node.input[2])
+        if zp is None or not zp.any():
+            continue
+        q = values[node.input[0]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * q.ndim
+        if zp.ndim:
+            shape[axis % q.ndim] = -1
+        values[node.input[0]] = q - zp.reshape(shape)
+        values[node.input[2]] = np.zeros_like(zp)
+    for name, v in values.items():
+        out.graph.initializer[index[name]].CopyFrom(numpy_helper.from_array(v.astype(np.int8), name))
     for op in out.opset_import:
         if op.domain in ("", "ai.onnx"):
             op.version = UNPACKED_OPSET

@@ -1,7 +1,7 @@
 """Precision plans: plain YAML saying how many bits each layer gets and how it is rounded.
 
     name: w4a8                     # becomes the variant's precision: <model>-w4a8-<backend>
-    method: adaround               # rtn | rtn-bc (bias correction) | adaround
+    method: adaround               # rtn | rtn-bc (bias correction) | adaround | adaround-oc
     weights: {bits: 4, per_channel: true, symmetric: true}
     activations: {bits: 8}
     components: {stem: {bits: 8}, classifier: {bits: 8}}   # by component type
@@ -24,7 +24,7 @@ from serving.errors import RtqError
 from serving.quantize.graph import COMPONENTS, Layer
 from serving.quantize.lowbit import ACT_BITS, WEIGHT_BITS, WeightQuant
 
-METHODS = ("rtn", "rtn-bc", "adaround", "qat")
+METHODS = ("rtn", "rtn-bc", "adaround", "adaround-oc", "qat")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.]*$")
 _TOP = {"name", "method", "weights", "activations", "components", "layers", "calibration_images",
         "description", "qat_file", "qat_sha256"}  # fmt: skip

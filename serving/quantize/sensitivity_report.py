@@ -152,6 +152,7 @@ def allocate_plans(
     widths: tuple[int, ...],
     plan_dir: Path,
     method: str = "adaround",
+    symmetric: bool = True,
 ) -> list[Path]:
     """One mixed plan per target compression ratio, from measured sensitivity."""
     import numpy as np
@@ -181,7 +182,7 @@ def allocate_plans(
         counts = {b: sum(1 for v in alloc.bits.values() if v == b) for b in sorted(set(alloc.bits.values()))}
         name = f"mixed{ratio:g}x".replace(".", "p")
         plan = mixed_plan(
-            name, alloc, method,
+            name, alloc, method, symmetric=symmetric,
             description=f"{model}: knapsack over measured KL for a file >= {ratio:g}x smaller than FP32 "
             f"(estimated {alloc.estimated_bytes} bytes); layers per width {counts}",
         )  # fmt: skip
