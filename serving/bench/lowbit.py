@@ -17,6 +17,8 @@ import numpy as np
 
 from serving.settings import PROJECT_ROOT, default_results_dir
 
+_VNNI = {True: "yes", False: "no (u8 x s8 kernels can saturate: the two columns part)", None: "unknown"}
+
 
 def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("model", help="zoo model (see `rtq models`)")
@@ -37,7 +39,7 @@ def _pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    markers = {"fp32": "s", "int8": "D", "rtn": "x", "rtn-bc": "^", "adaround": "o"}
+    markers = {"fp32": "s", "int8": "D", "rtn": "x", "rtn-bc": "^", "adaround": "o", "adaround-oc": "P"}
     for r in rows:
         family = "mixed" if r["mixed"] else "uniform"
         ax.scatter(
@@ -63,7 +65,7 @@ def _pareto_plot(rows: list[dict], path: Path, title: str) -> None:
         0.01,
         0.01,
         "markers: square fp32, diamond int8, x rtn, triangle rtn+bias corr., "
-        "circle adaround; red = mixed precision",
+        "circle adaround, plus adaround-oc; red = mixed precision",
         transform=ax.transAxes,
         fontsize=7,
     )
@@ -110,6 +112,22 @@ def main(args: argparse.Namespace, command: str) -> int:
             with open_runner("onnxruntime", path, "int8") as r:
                 return np.concatenate([topk(r.infer(x[i : i + 64]), 5) for i in range(0, len(x), 64)])
 
+        def evaluate_exact(path: Path) -> np.ndarray:
+            """The same graph with every Q/DQ computed in float: the integers' accuracy as exact
+            INT8 arithmetic gives it, whatever this CPU's INT8 kernels do."""
+            import onnx
+            import onnxruntime as ort
+
+            from serving.quantize.packing import load_unpacked
+
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            model = load_unpacked(path) or onnx.load(str(path))
+            sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            name = sess.get_inputs()[0].name
+            return np.concatenate([topk(sess.run(None, {name: x[i : i + 64]})[0], 5)
+                                   for i in range(0, len(x), 64)])  # fmt: skip
+
         ref5 = evaluate(fp32_path)
         int8_path = quantize_int8(fp32_path, work / "int8.onnx", calib)
         candidates = [
@@ -126,6 +144,7 @@ def main(args: argparse.Namespace, command: str) -> int:
         fp32_bytes = fp32_path.stat().st_size
         for name, method, mixed, path, seconds, info in candidates:
             acc = score(images.name, evaluate(path), ref5, labels)
+            exact = acc if name == "fp32" else score(images.name, evaluate_exact(path), ref5, labels)
             rows.append({
                 "variant": name, "method": method, "mixed": mixed,
                 "layer_bits": {str(b): sum(1 for v in info.get("layer_bits", {}).values() if v == b)
@@ -135,6 +154,7 @@ def main(args: argparse.Namespace, command: str) -> int:
                 "compression_vs_fp32": round(fp32_bytes / path.stat().st_size, 2),
                 "top1": acc.top1, "top1_fp32": acc.top1_fp32,
                 "delta_pts": round(100 * (acc.top1 - acc.top1_fp32), 2),
+                "top1_exact": exact.top1, "delta_exact_pts": round(100 * (exact.top1 - acc.top1_fp32), 2),
                 "agreement_fp32": acc.agreement_fp32, "top1_ci95": acc.top1_ci95, "n": acc.n,
                 "build_seconds": round(seconds, 1),
             })  # fmt: skip
@@ -155,10 +175,13 @@ def main(args: argparse.Namespace, command: str) -> int:
         f"- command: `{command}`", f"- date: {payload['date']}; machine: {payload['machine']['cpu']}, "
         f"{payload['machine']['cores']} cores",
         f"- calibration and rounding on {len(calib)} imagenet-calib images; activations 8-bit per-tensor; "
-        "weights per-channel symmetric; sizes are the packed ONNX files",
+        "weights per-channel; sizes are the packed ONNX files",
+        "- top-1: ONNX Runtime's INT8 kernels on this CPU; exact: the same graph with Q/DQ computed in "
+        "float (what exact INT8 arithmetic gives). INT8 dot products with VNNI on this CPU: "
+        f"{_VNNI[payload['machine'].get('int8_vnni')]}",
         "", "| variant | method | mixed | layers per width | bits/w | MB | x FP32 | top-1 | FP32 | Δ pts | "
-        "agree | build s |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "top-1 exact | Δ exact | agree | build s |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]  # fmt: skip
     for r in rows:
         md.append(
@@ -166,6 +189,7 @@ def main(args: argparse.Namespace, command: str) -> int:
             f"{r['layer_bits'] or '-'} | "
             f"{r['weight_bits']:.2f} | {r['file_bytes'] / 1e6:.2f} | {r['compression_vs_fp32']:.2f} | "
             f"{100 * r['top1']:.1f} | {100 * r['top1_fp32']:.1f} | {r['delta_pts']:+.1f} | "
+            f"{100 * r['top1_exact']:.1f} | {r['delta_exact_pts']:+.1f} | "
             f"{100 * r['agreement_fp32']:.1f} | {r['build_seconds']:.0f} |"
         )
     md += ["", f"![Pareto: file size vs top-1]({stem.name}.png)", ""]
