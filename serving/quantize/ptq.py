@@ -71,7 +71,6 @@ class QuantizedLayer:
     weight: QuantizedWeight
     bias: np.ndarray | None  # float bias after correction (None: the layer has none)
     seconds: float = 0.0
-    rounding: str = ""  # rtn, rtn-bc, adaround, or nearest (AdaRound lost on held-out images)
 
 
 def _torch_layer(layer: Layer, w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +259,7 @@ def quantize_layers(
                 qw, how = validated_rounding(layer, w, b, qw, xq, xf, iters)
             # Rounding alone cannot move a channel's mean output; a bias shift can.
             bias = corrected_bias(layer, w, qw.dequantize(), b, xq)
-        ql = QuantizedLayer(layer, qw, bias, time.perf_counter() - t0, how)
+        ql = QuantizedLayer(layer, qw, bias, time.perf_counter() - t0)
         done.append(ql)
         updates = {layer.weight: qw.dequantize()}
         if layer.bias and bias is not None:
