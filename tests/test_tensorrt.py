@@ -61,8 +61,13 @@ def qdq_onnx(small_repository, calibration, tmp_path_factory) -> Path:
     return quantize_qdq_for_tensorrt(fp32, tmp_path_factory.mktemp("trt") / "int8_qdq.onnx", calibration)
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def _session(path: Path, exact: bool = False) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    if exact:
+        # Unfused Q/DQ run in float, so the integer products accumulate exactly as in TensorRT's int32;
+        # ORT's fused u8 x s8 kernels saturate on x86 without VNNI (CI's and this host's CPUs).
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def test_qdq_onnx_is_symmetric_int8_and_keeps_fp32_accuracy(qdq_onnx, small_repository, data_root):
@@ -76,8 +81,8 @@ def test_qdq_onnx_is_symmetric_int8_and_keeps_fp32_accuracy(qdq_onnx, small_repo
     pp = variant.preprocessing
     x = normalize(load_uint8(open_labelled("imagenet-val", data_root).head(48), pp, False), pp)
     fp32 = _session(variant.model_path).run(None, {"input": x})[0].argmax(1)
-    int8 = _session(qdq_onnx).run(None, {"input": x})[0].argmax(1)
-    assert (fp32 == int8).mean() >= 0.9  # the same graph TensorRT will run, checked on ORT's CPU kernels
+    int8 = _session(qdq_onnx, exact=True).run(None, {"input": x})[0].argmax(1)
+    assert (fp32 == int8).mean() >= 0.9  # the same graph TensorRT will run, with TensorRT's exact arithmetic
 
 
 def test_serving_int8_onnx_is_refused_for_tensorrt(small_repository):
