@@ -110,6 +110,8 @@ def test_bad_input_is_one_line_and_exit_2(small_repository: Path, tmp_path: Path
         ),
         (["build", "--spec", str(tmp_path / "missing.yaml")], "does not exist"),
         (["bench", "offline", "--repository", str(tmp_path / "empty")], "holds no variants"),
+        (["sensitivity", "efficientnet_lite0", "--asymmetric"], "add --allocate"),
+        (["sensitivity", "efficientnet_lite0", "--method", "rtn"], "add --allocate"),
     ]
     for args, message in cases:
         proc = rtq(*args, check=False)

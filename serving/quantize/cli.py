@@ -32,8 +32,9 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
                     help="write a mixed-precision plan per target compression ratio vs FP32 (e.g. 5.5 8)")
     sp.add_argument("--widths", type=int, nargs="+", default=[2, 4, 8],
                     help="widths the allocation may use (default: 2 4 8)")
-    sp.add_argument("--method", default="adaround", choices=["rtn", "rtn-bc", "adaround", "adaround-oc"],
-                    help="rounding method of allocated plans (default: %(default)s)")
+    # Choices spelled out: plan.METHODS would import onnx while every rtq command builds its parser.
+    sp.add_argument("--method", default=None, choices=["rtn", "rtn-bc", "adaround", "adaround-oc"],
+                    help="rounding method of allocated plans (default: adaround)")
     sp.add_argument("--asymmetric", action="store_true",
                     help="allocated plans give weights below 8 bits a per-channel zero point "
                          "(at 2 bits a symmetric grid has one positive level: -2, -1, 0, 1)")
@@ -54,6 +55,8 @@ def main(args: argparse.Namespace, command: str) -> int:
         )
     if args.images < 16:
         raise RtqError(f"sensitivity needs at least 16 images, got {args.images}")
+    if (args.method is not None or args.asymmetric) and not args.allocate:
+        raise RtqError("--method and --asymmetric shape allocated plans: add --allocate RATIO")
     if args.list_layers:
         import tempfile
 
@@ -84,5 +87,5 @@ def main(args: argparse.Namespace, command: str) -> int:
     if args.allocate:
         widths = tuple(args.widths)
         allocate_plans(args.model, args.weights, results, args.allocate, widths, Path(args.plan_dir),
-                       method=args.method, symmetric=not args.asymmetric)
+                       method=args.method or "adaround", symmetric=not args.asymmetric)
     return 0
