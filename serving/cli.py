@@ -144,6 +144,12 @@ def cmd_bench_lowbit(args: argparse.Namespace) -> int:
     return lowbit_main(args, _command_line())
 
 
+def cmd_bench_int8_kernels(args: argparse.Namespace) -> int:
+    from serving.bench.int8_kernels import main as int8_kernels_main
+
+    return int8_kernels_main(args, _command_line())
+
+
 def cmd_bench_qat(args: argparse.Namespace) -> int:
     from serving.qat.ablation import main as qat_ablation_main
 
@@ -311,6 +317,15 @@ def parser() -> argparse.ArgumentParser:
     lowbit_args(sp)
     common(sp)
     sp.set_defaults(func=cmd_bench_lowbit)
+
+    from serving.bench.int8_kernels import add_arguments as int8_kernels_args
+
+    sp = bsub.add_parser(
+        "int8-kernels", help="ORT's u8s8 vs u8u8 INT8 kernels per variant: top-1, latency, throughput"
+    )
+    int8_kernels_args(sp)
+    common(sp)
+    sp.set_defaults(func=cmd_bench_int8_kernels)
 
     from serving.bench.serving_bench import add_arguments as bench_serving_args
     from serving.edge.cli import add_arguments as serve_args

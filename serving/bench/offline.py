@@ -39,7 +39,8 @@ def latency_percentiles(samples_ns: list[int]) -> dict:
     }
 
 
-def _throughput(runner, x: np.ndarray, batch: int) -> float:
+def throughput(runner, x: np.ndarray, batch: int) -> float:
+    """Images per second at `batch` (the single image repeated), timed for THROUGHPUT_SECONDS."""
     xb = np.repeat(x, batch, axis=0)
     for _ in range(3):
         runner.infer(xb)
@@ -136,7 +137,7 @@ def run_offline(
             disable=not progress,
         ):
             max_batch = v.manifest.get("max_batch_size", 32)
-            tput = {str(b): round(_throughput(r, x, b), 1) for b in batches if b <= max(max_batch, 1)}
+            tput = {str(b): round(throughput(r, x, b), 1) for b in batches if b <= max(max_batch, 1)}
             reasons = []
             if len(s) < MIN_RUNS:
                 reasons.append(f"{len(s)} timed runs < {MIN_RUNS}")

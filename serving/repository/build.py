@@ -94,21 +94,13 @@ def tool_versions() -> dict[str, str]:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
     import os
 
+    from serving.runtimes.cpu import cpu_info, int8_vnni
+
     # Without VNNI, x86 INT8 kernels (u8 x s8 pairs summed in int16) can saturate: accuracy differs.
-    vnni = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}) if flags else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(), "int8_vnni": vnni}
+    cpu = cpu_info()[0]
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(), "int8_vnni": int8_vnni()}
 
 
 def build_variant(
