@@ -17,7 +17,7 @@ import numpy as np
 
 from serving.settings import PROJECT_ROOT, default_results_dir
 
-_VNNI = {True: "yes", False: "no (u8 x s8 kernels can saturate: the two columns part)", None: "unknown"}
+_VNNI = {True: "yes", False: "no (u8 x s8 kernels would saturate)", None: "unknown"}
 
 
 def add_arguments(sp: argparse.ArgumentParser) -> None:
@@ -89,6 +89,7 @@ def main(args: argparse.Namespace, command: str) -> int:
     from serving.repository.build import machine, tool_versions
     from serving.repository.weight_stats import onnx_weight_stats
     from serving.runtimes import open_runner
+    from serving.runtimes.onnxruntime_runner import resolve_int8_kernels
 
     plans = [load_plan(p) for p in args.plans]
     if len({p.name for p in plans}) != len(plans):
@@ -162,6 +163,7 @@ def main(args: argparse.Namespace, command: str) -> int:
     payload = {
         "benchmark": "lowbit-ablation", "model": args.model, "trained": loaded.trained, "command": command,
         "date": now.isoformat(timespec="seconds"), "machine": machine(), "tool_versions": tool_versions(),
+        "ort_int8_kernels": resolve_int8_kernels(),
         "eval_set": images.name, "calibration": {"folder": "imagenet-calib", "images": len(calib)},
         "fp32_reference": "FP32 ONNX on ONNX Runtime (same predictions as PyTorch; see variants report)",
         "rows": rows,
@@ -176,9 +178,9 @@ def main(args: argparse.Namespace, command: str) -> int:
         f"{payload['machine']['cores']} cores",
         f"- calibration and rounding on {len(calib)} imagenet-calib images; activations 8-bit per-tensor; "
         "weights per-channel; sizes are the packed ONNX files",
-        "- top-1: ONNX Runtime's INT8 kernels on this CPU; exact: the same graph with Q/DQ computed in "
-        "float (what exact INT8 arithmetic gives). INT8 dot products with VNNI on this CPU: "
-        f"{_VNNI[payload['machine'].get('int8_vnni')]}",
+        f"- top-1: ONNX Runtime's INT8 kernels on this CPU ({payload['ort_int8_kernels']}); exact: the "
+        "same graph with Q/DQ computed in float (what exact INT8 arithmetic gives). INT8 dot products "
+        f"with VNNI on this CPU: {_VNNI[payload['machine'].get('int8_vnni')]}",
         "", "| variant | method | mixed | layers per width | bits/w | MB | x FP32 | top-1 | FP32 | Δ pts | "
         "top-1 exact | Δ exact | agree | build s |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
