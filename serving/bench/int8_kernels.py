@@ -45,6 +45,9 @@ def _variants(repository: Path, names: list[str]) -> list:
         wrong = [v.name for v in chosen if v.manifest["backend"] != "onnxruntime"]
         if wrong:
             raise RtqError(f"not ONNX Runtime variants: {', '.join(wrong)}; INT8 kernels are ORT's choice")
+        floats = [v.name for v in chosen if v.manifest["precision"] in _FLOAT]
+        if floats:
+            raise RtqError(f"float variants run no INT8 kernels: {', '.join(floats)}")
     chosen = [v for v in chosen if v.manifest["backend"] == "onnxruntime"]
     chosen = [v for v in chosen if v.manifest["precision"] not in _FLOAT]
     if not chosen:
