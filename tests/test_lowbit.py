@@ -338,3 +338,80 @@ def test_asymmetric_weights_pack_signed_and_unpack_to_zero_point_free_int8(bits:
         assert np.allclose(sess.run(None, {})[0], qw.dequantize())
     unpacked = {t.name: numpy_helper.to_array(t) for t in unpack(packed).graph.initializer}
     assert unpacked["w"].dtype == np.int8 and not unpacked["z"].any()
+
+
+def _qdq_conv_silu_conv() -> onnx.ModelProto:
+    """x -> Q/DQ -> Conv -> Q/DQ -> SiLU (Sigmoid, Mul) -> Q/DQ -> Conv -> y, plus the SiLU output added
+    back after the second conv (a DQ read by a conv and an Add): the layout of ORT's QDQ graphs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(np.uint8(128), "zp"),
+        numpy_helper.from_array(rng.integers(-7, 8, (8, 3, 3, 3)).astype(np.int8), "w1"),
+        numpy_helper.from_array(rng.integers(-7, 8, (8, 8, 1, 1)).astype(np.int8), "w2"),
+        numpy_helper.from_array(np.full(8, 0.02, np.float32), "ws"),
+        numpy_helper.from_array(np.zeros(8, np.int8), "wz"),
+    ]  # fmt: skip
+
+    def qdq(src: str, dst: str) -> list[onnx.NodeProto]:
+        return [helper.make_node("QuantizeLinear", [src, "s", "zp"], [f"{dst}_q"]),
+                helper.make_node("DequantizeLinear", [f"{dst}_q", "s", "zp"], [dst])]  # fmt: skip
+
+    nodes = [
+        *qdq("x", "xq"),
+        helper.make_node("DequantizeLinear", ["w1", "ws", "wz"], ["w1f"], axis=0),
+        helper.make_node("DequantizeLinear", ["w2", "ws", "wz"], ["w2f"], axis=0),
+        helper.make_node("Conv", ["xq", "w1f"], ["c1"], pads=[1, 1, 1, 1]),
+        *qdq("c1", "c1q"),
+        helper.make_node("Sigmoid", ["c1q"], ["sg"]),
+        helper.make_node("Mul", ["c1q", "sg"], ["silu"]),
+        *qdq("silu", "siluq"),
+        helper.make_node("Conv", ["siluq", "w2f"], ["c2"]),
+        helper.make_node("Add", ["c2", "siluq"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_openvino_keeps_activation_qdq_on_conv_inputs_only(tmp_path: Path):
+    """The conv-output Q/DQ that ORT's QLinearConv wants cost OpenVINO a Convert, Subtract and
+    Multiply per tensor before a float op (EfficientNetV2's SiLU; measured on the real model, this toy
+    is fused either way): dropped for OpenVINO only, and the convs stay INT8."""
+    import onnxruntime as ort
+    import openvino as ov
+    from onnx import numpy_helper
+
+    from serving.runtimes.openvino_runner import quantize_matmul_inputs_only
+
+    model = _qdq_conv_silu_conv()
+    onnx.checker.check_model(model)
+    slim = onnx.ModelProto()
+    slim.CopyFrom(model)
+    assert quantize_matmul_inputs_only(slim) == 3  # Sigmoid and Mul read c1's Clip, Add silu's
+    nodes = {n.output[0]: n for n in slim.graph.node}
+    kept = [n.output[0] for n in slim.graph.node if n.op_type == "DequantizeLinear"]
+    assert kept == ["xq", "w1f", "w2f", "siluq"]  # conv inputs and weights; c1's pair is gone
+    assert {"c1_q", "c1q"}.isdisjoint(nodes) and nodes["y"].input[1] == "siluq_clip"
+    assert list(nodes["sg"].input) == ["c1q_clip"] and list(nodes["silu"].input) == ["c1q_clip", "sg"]
+    # The Clip keeps the pair's range: ORT folds ReLU6 into it, and dropping it lost the activation.
+    bounds = {t.name: numpy_helper.to_array(t) for t in slim.graph.initializer}
+    lo, hi = float(bounds["c1q_clip_lo"]), float(bounds["c1q_clip_hi"])
+    assert (lo, hi) == pytest.approx((0.05 * (0 - 128), 0.05 * (255 - 128)))
+    onnx.checker.check_model(slim)
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 16), dtype=np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = session.run(None, {"x": x})[0]
+    path = tmp_path / "slim.onnx"
+    onnx.save(slim, str(path))
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    out = compiled.create_infer_request().infer({0: x})[0]
+    # One rounding fewer: the same function up to the quantization steps it no longer rounds to.
+    assert np.abs(out - ref).max() < 0.5 and np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.99
+    ops = compiled.get_runtime_model().get_ordered_ops()
+    info = [(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+            for op in ops]  # fmt: skip
+    assert [p for t, p in info if t == "Convolution"] == ["u8", "u8"], info  # still INT8 convs
