@@ -28,7 +28,11 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "variants", nargs="*", help="ONNX Runtime variants (default: every integer ONNX Runtime variant)"
     )
-    sp.add_argument("--eval", default="imagenet-val", help="labelled folder (default: %(default)s)")
+    sp.add_argument(
+        "--eval",
+        default=None,
+        help="labelled folder (default: imagenet-val for ImageNet models, imagenette/val for 10-class ones)",
+    )
     sp.add_argument("--eval-images", type=int, default=None, help="first N images only")
     sp.add_argument("--runs", type=int, default=300, help="timed batch-1 runs per kernel (default: 300)")
     sp.add_argument("--warmup", type=int, default=30, help="untimed runs first (default: 30)")
@@ -63,11 +67,13 @@ def _accuracy(variant, runners: dict, args: argparse.Namespace, progress: bool) 
     from serving.data.loader import load_uint8
     from serving.errors import RtqError
     from serving.models.zoo import class_wnids
+    from serving.repository.build import DEFAULT_EVAL
     from serving.settings import PROJECT_ROOT
 
     m = variant.manifest
+    folder = args.eval or DEFAULT_EVAL[m["classes"]]
     try:
-        images, labels = open_labelled(args.eval, args.data_root).for_classes(class_wnids(m["classes"]))
+        images, labels = open_labelled(folder, args.data_root).for_classes(class_wnids(m["classes"]))
     except RtqError as exc:
         print(f"accuracy columns skipped: {exc}")
         return None
@@ -113,7 +119,7 @@ def _markdown(payload: dict) -> str:
         f"runtime threads; VNNI: {m.get('int8_vnni')}; the runner's `auto` picks **{payload['auto']}** here",
         f"- 1-min load average before / after: {payload['load_average_1m']['before']} / "
         f"{payload['load_average_1m']['after']}",
-        f"- accuracy: {payload['eval_set'] or 'not measured (no labelled images; see --data-root)'}",
+        f"- accuracy: {', '.join(payload['eval_sets']) or 'not measured (no labelled images: --data-root)'}",
         "",
         "| variant | kernels | top-1 | FP32 | Δ pts | agree FP32 | p50 ms | p99 ms | img/s @ batch 8 |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -153,7 +159,7 @@ def main(args: argparse.Namespace, command: str) -> int:
     progress = not args.quiet
     variants = _variants(Path(args.repository), args.variants)
     load_before = os.getloadavg()[0]
-    rows, ratios, eval_set = [], [], None
+    rows, ratios, eval_sets = [], [], set()
     for v in variants:
         runners = {
             k: OnnxRuntimeRunner(v.model_path, v.manifest["precision"], args.threads, int8_kernels=k)
@@ -174,7 +180,7 @@ def main(args: argparse.Namespace, command: str) -> int:
                 "latency_ms": latency_percentiles(samples[k]), "throughput_ips_batch8": round(tput[k], 1),
             })  # fmt: skip
         if accuracy:
-            eval_set = accuracy[KERNELS[0]]["eval_set"]
+            eval_sets.add(f"{accuracy[KERNELS[0]]['eval_set']} ({accuracy[KERNELS[0]]['n']} images)")
         u8s8, u8u8 = rows[-2], rows[-1]
         ratios.append({
             "variant": v.name,
@@ -187,7 +193,7 @@ def main(args: argparse.Namespace, command: str) -> int:
     payload = {
         "benchmark": "int8-kernels", "command": command, "date": now.isoformat(timespec="seconds"),
         "machine": machine(), "tool_versions": tool_versions(), "threads": args.threads,
-        "auto": resolve_int8_kernels("auto"), "eval_set": eval_set,
+        "auto": resolve_int8_kernels("auto"), "eval_sets": sorted(eval_sets),
         "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "rows": rows, "ratios": ratios,
     }  # fmt: skip
