@@ -23,11 +23,15 @@ def test_auto_picks_exact_kernels_exactly_where_vnni_is_missing(monkeypatch):
     monkeypatch.delenv("RTQ_ORT_INT8_KERNELS", raising=False)
     for vnni, expected in ((False, "u8u8"), (True, "u8s8"), (None, "u8s8")):
         monkeypatch.setattr(cpu, "int8_vnni", lambda v=vnni: v)
-        assert resolve_int8_kernels() == expected == resolve_int8_kernels("auto")
+        assert resolve_int8_kernels("auto") == expected
+        monkeypatch.setenv("RTQ_ORT_INT8_KERNELS", "auto")
+        assert resolve_int8_kernels() == expected
+        monkeypatch.delenv("RTQ_ORT_INT8_KERNELS")
     monkeypatch.setattr(cpu, "int8_vnni", lambda: False)
-    assert resolve_int8_kernels("u8s8") == "u8s8"  # an explicit choice wins over the CPU
-    monkeypatch.setenv("RTQ_ORT_INT8_KERNELS", "u8s8")
-    assert resolve_int8_kernels() == "u8s8"
+    assert resolve_int8_kernels() == "u8s8"  # ORT's own kernels unless asked (see the runner's note)
+    assert resolve_int8_kernels("u8u8") == "u8u8"
+    monkeypatch.setenv("RTQ_ORT_INT8_KERNELS", "u8u8")
+    assert resolve_int8_kernels() == "u8u8" and resolve_int8_kernels("u8s8") == "u8s8"
     monkeypatch.setenv("RTQ_ORT_INT8_KERNELS", "fast")
     with pytest.raises(RtqError, match="RTQ_ORT_INT8_KERNELS must be one of auto, u8s8, u8u8, got 'fast'"):
         resolve_int8_kernels()

@@ -1,8 +1,8 @@
 """`rtq bench int8-kernels`: ONNX Runtime's two x86 INT8 kernel families side by side per variant.
 
 On x86 without VNNI, ORT's default u8 x s8 kernels add pairs of products in int16 and saturate;
-u8 x u8 kernels (`session.x64quantprecision`) are exact and slower. The runner picks u8u8 on such
-CPUs ("auto"); this command shows what that costs and buys on this machine: top-1 against FP32 on
+u8 x u8 kernels (`session.x64quantprecision`) are exact and slower (RTQ_ORT_INT8_KERNELS=u8u8 or
+auto turns them on). This command shows what they cost and buy on this machine: top-1 against FP32 on
 the same images, and batch-1 latency and batch-8 throughput measured in interleaved rounds.
 """
 
@@ -116,7 +116,7 @@ def _markdown(payload: dict) -> str:
         "",
         f"- command: `{payload['command']}`",
         f"- date: {payload['date']}; machine: {m['cpu']}, {m['cores']} cores, {payload['threads']} "
-        f"runtime threads; VNNI: {m.get('int8_vnni')}; the runner's `auto` picks **{payload['auto']}** here",
+        f"runtime threads; VNNI: {m.get('int8_vnni')}; `auto` would pick **{payload['auto']}** here",
         f"- 1-min load average before / after: {payload['load_average_1m']['before']} / "
         f"{payload['load_average_1m']['after']}",
         f"- accuracy: {', '.join(payload['eval_sets']) or 'not measured (no labelled images: --data-root)'}",
