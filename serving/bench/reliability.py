@@ -41,6 +41,13 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--overload-s", type=float, default=60.0, help="burst length (default: %(default)s)")
     sp.add_argument("--soak-s", type=float, default=600.0, help="soak length (default: %(default)s)")
     sp.add_argument("--soak-window-s", type=float, default=60.0, help="soak window (default: %(default)s)")
+    sp.add_argument(
+        "--soak-warmup-s",
+        type=float,
+        default=60.0,
+        help="the same load before the soak's measured span; memory growth counts from its end "
+        "(0: none; default: %(default)s)",
+    )
     sp.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results)")
 
 
@@ -50,6 +57,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise RtqError(f"--{name.replace('_', '-')} must be positive")
     if args.triton_cases < 0:
         raise RtqError("--triton-cases must be 0 or more")
+    if args.soak_warmup_s < 0:
+        raise RtqError("--soak-warmup-s must be 0 or more")
     if args.soak_window_s > args.soak_s:
         raise RtqError("--soak-window-s must not exceed --soak-s")
 
@@ -177,9 +186,11 @@ def _soak(args: argparse.Namespace, repository: Path, say, capacity: float | Non
     try:
         if capacity is None:
             capacity, cap_md, cap_json = _capacity(args, edge.url, say)
-        say(f"soak: {0.8 * capacity:.1f} req/s (80% of {capacity} req/s) for {args.soak_s:g} s")
+        say(f"soak: {0.8 * capacity:.1f} req/s (80% of {capacity} req/s) for {args.soak_s:g} s "
+            f"after {args.soak_warmup_s:g} s of warm-up")  # fmt: skip
         r = run_soak(edge.url, args.model, capacity, server_pid=edge.pid, duration_s=args.soak_s,
-                     window_s=args.soak_window_s, slo_ms=args.slo_ms)  # fmt: skip
+                     window_s=args.soak_window_s, slo_ms=args.slo_ms,
+                     warmup_s=args.soak_warmup_s)  # fmt: skip
     finally:
         edge.stop()
     md = "## Soak\n\n" + (cap_md + "\n" if cap_md else "") + soak_markdown(r)

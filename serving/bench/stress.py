@@ -608,6 +608,14 @@ class SoakResult:
     p99_by_window_ms: list[float | None] = field(default_factory=list)
     rss_mb: list[float] = field(default_factory=list)  # one sample per window, at its end
     rss_growth_pct: float | None = None  # last vs first window
+    # The same load for warmup_s before the measured span: the server's memory grows once as gRPC
+    # threads, allocator arenas and ORT's buffers reach their working size (+14% in the first minute
+    # of the 12-02 soak, then flat); a leak is growth after that, so the verdict reads the measured span.
+    warmup_s: float = 0.0
+    warmup_sent: int = 0
+    warmup_errors_by_code: dict[str, int] = field(default_factory=dict)
+    rss_start_mb: float | None = None  # first sample, before any load
+    rss_warm_mb: float | None = None  # at the end of the warm-up
     p99_drift_pct: float | None = None  # last vs first window
     max_send_lag_ms: float = 0.0
     # Late wake-ups of a real-time 1 ms sleeper (serving.bench.stalls): [s from the start, ms], and
@@ -647,20 +655,35 @@ def run_soak(
     window_s: float = 60.0,
     slo_ms: float = 100.0,
     payload: bytes | None = None,
+    warmup_s: float = 0.0,
 ) -> SoakResult:
-    """`fraction` x capacity, open loop, for `duration_s`: errors, p99 per window, server RSS.
+    """`fraction` x capacity, open loop, for `warmup_s` + `duration_s`: errors, p99 per window,
+    server RSS, over the `duration_s` after the warm-up (the warm-up's own errors and RSS are kept).
 
-    Drift and growth compare the last window with the first (the first second, where connections
-    and caches warm up, is left out of the first window). RSS is the server's process tree,
-    sampled every second; each window's value is its last sample.
+    Drift and growth compare the last window with the first (without a warm-up, the first second,
+    where connections and caches warm up, is left out of the first window). RSS is the server's
+    process tree, sampled every second; each window's value is its last sample, and the growth is
+    measured from the end of the warm-up.
     """
     payload = payload or infer_request(model)
     rate = fraction * capacity_rps
-    result = SoakResult(model, url, capacity_rps, round(rate, 1), duration_s, window_s, slo_ms)
+    result = SoakResult(
+        model, url, capacity_rps, round(rate, 1), duration_s, window_s, slo_ms, warmup_s=warmup_s
+    )
     rss = _Sampler(rss_reader(server_pid) if server_pid else lambda: None, 1.0)
     with rss, StallWatch() as stalls:
-        start, shots = open_loop(url, payload, [(rate, duration_s)], slo_ms / 1000)
-    measured = [s for s in shots if s.due >= start + min(1.0, window_s / 4)]
+        t0, everything = open_loop(url, payload, [(rate, warmup_s + duration_s)], slo_ms / 1000)
+    start = t0 + warmup_s
+    warm = [s for s in everything if s.due < start]
+    result.warmup_sent = len(warm)
+    result.warmup_errors_by_code = dict(Counter(s.code for s in warm if s.code != "OK"))
+    shots = [s for s in everything if s.due >= start]
+    before = [v for _, v in rss.samples if v is not None]
+    result.rss_start_mb = round(before[0], 1) if before else None
+    if warmup_s > 0:
+        at_warm = [v for t, v in rss.samples if t < start and v is not None]
+        result.rss_warm_mb = round(at_warm[-1], 1) if at_warm else None
+    measured = shots if warmup_s > 0 else [s for s in shots if s.due >= start + min(1.0, window_s / 4)]
     result.sent = len(shots)
     result.answered_ok = sum(s.code == "OK" for s in shots)
     failed = [s for s in shots if s.code != "OK"]
@@ -682,8 +705,9 @@ def run_soak(
         in_window = [v for t, v in rss.samples if t < hi]
         if in_window:
             result.rss_mb.append(round(in_window[-1], 1))
-    if len(result.rss_mb) >= 2:
-        result.rss_growth_pct = round(100 * (result.rss_mb[-1] - result.rss_mb[0]) / result.rss_mb[0], 2)
+    base = result.rss_warm_mb if result.rss_warm_mb is not None else (result.rss_mb or [None])[0]
+    if base and len(result.rss_mb) >= (1 if result.rss_warm_mb is not None else 2):
+        result.rss_growth_pct = round(100 * (result.rss_mb[-1] - base) / base, 2)
     first, last = result.p99_by_window_ms[0], result.p99_by_window_ms[-1]
     if n_windows >= 2 and first and last is not None:
         result.p99_drift_pct = round(100 * (last - first) / first, 2)
@@ -917,12 +941,23 @@ def soak_markdown(r: SoakResult) -> str:
     stalls = ", ".join(f"{at:g} s: {ms:g}" for at, ms in sorted(longest)) or "none"
     if len(r.machine_stalls) > len(longest):
         stalls += f" (longest {len(longest)} of {len(r.machine_stalls)})"
+    growth_from = "last vs first window"
+    warmup = []
+    if r.warmup_s > 0:
+        growth_from = "last window vs end of warm-up"
+        warmup = [
+            f"| warm-up (same rate, not in the figures below): sent / errors | {r.warmup_sent} / "
+            f"{_counts(r.warmup_errors_by_code)} |",
+            f"| server RSS before load / after warm-up (MiB) | {_f(r.rss_start_mb)} / {_f(r.rss_warm_mb)} |",
+        ]
     lines = [
         f"### Soak: `{r.model}` at {r.rate_rps:g} req/s ({r.rate_rps / r.capacity_rps:.0%} of "
-        f"{r.capacity_rps:g} req/s) for {r.duration_s:g} s",
+        f"{r.capacity_rps:g} req/s) for {r.duration_s:g} s"
+        + (f" after a {r.warmup_s:g} s warm-up" if r.warmup_s > 0 else ""),
         "",
         "| figure | value |",
         "| --- | --- |",
+        *warmup,
         f"| sent / OK | {r.sent} / {r.answered_ok} |",
         f"| errors | {errs} |",
         f"| most frequent reasons | {_counts(r.error_reasons)} |",
@@ -931,7 +966,7 @@ def soak_markdown(r: SoakResult) -> str:
         f"| p99 per {r.window_s:g} s window | {', '.join(_f(v) for v in r.p99_by_window_ms)} |",
         f"| p99 drift, last vs first window | {_f(r.p99_drift_pct, '%')} |",
         f"| server RSS per window (MiB) | {', '.join(_f(v) for v in r.rss_mb) or '–'} |",
-        f"| RSS growth, last vs first window | {_f(r.rss_growth_pct, '%')} |",
+        f"| RSS growth, {growth_from} | {_f(r.rss_growth_pct, '%')} |",
         f"| load generator max send lag | {_f(r.max_send_lag_ms)} ms |",
         f"| machine stalls > 20 ms ({r.stall_priority} 1 ms sleeper): at s, ms | {stalls} |",
         f"| errors within one SLO of a stall (before or after their due time) | "
