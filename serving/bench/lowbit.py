@@ -17,7 +17,7 @@ import numpy as np
 
 from serving.settings import PROJECT_ROOT, default_results_dir
 
-_VNNI = {True: "yes", False: "no (u8 x s8 kernels would saturate)", None: "unknown"}
+_VNNI = {True: "yes", False: "no (u8 x s8 kernels saturate: compare the exact column)", None: "unknown"}
 
 
 def add_arguments(sp: argparse.ArgumentParser) -> None:
