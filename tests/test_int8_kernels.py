@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from serving.errors import RtqError
 from serving.repository.layout import open_variant
 from serving.runtimes import cpu
-from serving.runtimes.onnxruntime_runner import OnnxRuntimeRunner, resolve_int8_kernels
+from serving.runtimes.onnxruntime_runner import OnnxRuntimeRunner, exact_session, resolve_int8_kernels
 
 INT8 = "efficientnet_lite0-int8-onnxruntime"
 
@@ -49,9 +48,7 @@ def test_u8u8_kernels_give_the_exact_integer_result(small_repository: Path, data
     variant = open_variant(small_repository, INT8)
     pp = variant.preprocessing
     x = normalize(load_uint8(open_labelled("imagenet-val", data_root).head(32), pp, False), pp)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    exact = ort.InferenceSession(str(variant.model_path), opts, providers=["CPUExecutionProvider"])
+    exact = exact_session(str(variant.model_path))
     reference = exact.run(None, {exact.get_inputs()[0].name: x})[0]
     with OnnxRuntimeRunner(variant.model_path, "int8", int8_kernels="u8u8") as runner:
         assert runner.describe()["int8_kernels"] == "u8u8"

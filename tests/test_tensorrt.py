@@ -25,6 +25,7 @@ from serving.repository.layout import open_variant
 from serving.repository.recipes import RECIPES
 from serving.repository.triton_config import native_config, parse_config, to_text
 from serving.runtimes import open_runner, runner_class
+from serving.runtimes.onnxruntime_runner import exact_session
 
 
 def _gpu_reason() -> str | None:
@@ -62,12 +63,10 @@ def qdq_onnx(small_repository, calibration, tmp_path_factory) -> Path:
 
 
 def _session(path: Path, exact: bool = False) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
     if exact:
-        # Unfused Q/DQ run in float, so the integer products accumulate exactly as in TensorRT's int32;
         # ORT's fused u8 x s8 kernels saturate on x86 without VNNI (CI's and this host's CPUs).
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return exact_session(str(path))
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def test_qdq_onnx_is_symmetric_int8_and_keeps_fp32_accuracy(qdq_onnx, small_repository, data_root):

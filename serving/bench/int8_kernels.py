@@ -59,8 +59,9 @@ def _variants(repository: Path, names: list[str]) -> list:
     return chosen
 
 
-def _accuracy(variant, runners: dict, args: argparse.Namespace, progress: bool) -> dict | None:
-    """Top-1 of each kernel family on the same images, or None (with the reason printed) without data."""
+def _accuracy(variant, runners: dict, args: argparse.Namespace, progress: bool, loaded: dict) -> dict | None:
+    """Top-1 of each kernel family on the same images, or None (with the reason printed) without data.
+    `loaded` keeps decoded images per (folder, classes, preprocessing): variants of one model share them."""
     from serving.bench.accuracy import predict_top5, reference_top5, score
     from serving.bench.evaluate import fp32_model_of
     from serving.data.datasets import open_labelled
@@ -72,14 +73,16 @@ def _accuracy(variant, runners: dict, args: argparse.Namespace, progress: bool) 
 
     m = variant.manifest
     folder = args.eval or DEFAULT_EVAL[m["classes"]]
-    try:
-        images, labels = open_labelled(folder, args.data_root).for_classes(class_wnids(m["classes"]))
-    except RtqError as exc:
-        print(f"accuracy columns skipped: {exc}")
-        return None
-    images = images.head(args.eval_images)
-    labels = labels[: len(images)]
-    uint8 = load_uint8(images, variant.preprocessing, progress)
+    key = (folder, m["classes"], variant.preprocessing)
+    if key not in loaded:
+        try:
+            images, labels = open_labelled(folder, args.data_root).for_classes(class_wnids(m["classes"]))
+        except RtqError as exc:
+            print(f"accuracy columns skipped: {exc}")
+            return None
+        images = images.head(args.eval_images)
+        loaded[key] = (images, labels[: len(images)], load_uint8(images, variant.preprocessing, progress))
+    images, labels, uint8 = loaded[key]
     names = [it.path.name for it in images.items]
     ref5 = reference_top5(fp32_model_of(m), uint8, names, PROJECT_ROOT / ".cache" / "reference", progress)
     out = {}
@@ -159,14 +162,14 @@ def main(args: argparse.Namespace, command: str) -> int:
     progress = not args.quiet
     variants = _variants(Path(args.repository), args.variants)
     load_before = os.getloadavg()[0]
-    rows, ratios, eval_sets = [], [], set()
+    rows, ratios, eval_sets, loaded = [], [], set(), {}
     for v in variants:
         runners = {
             k: OnnxRuntimeRunner(v.model_path, v.manifest["precision"], args.threads, int8_kernels=k)
             for k in KERNELS
         }
         try:
-            accuracy = _accuracy(v, runners, args, progress)
+            accuracy = _accuracy(v, runners, args, progress, loaded)
             x = np.random.default_rng(0).standard_normal((1, *v.manifest["input"]["shape"]), dtype=np.float32)
             samples = _latency(runners, x, args.runs, args.warmup, progress)
             tput = {k: throughput(r, x, 8) for k, r in runners.items()}

@@ -117,14 +117,12 @@ def main(args: argparse.Namespace, command: str) -> int:
             """The same graph with every Q/DQ computed in float: the integers' accuracy as exact
             INT8 arithmetic gives it, whatever this CPU's INT8 kernels do."""
             import onnx
-            import onnxruntime as ort
 
             from serving.quantize.packing import load_unpacked
+            from serving.runtimes.onnxruntime_runner import exact_session
 
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             model = load_unpacked(path) or onnx.load(str(path))
-            sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            sess = exact_session(model.SerializeToString())
             name = sess.get_inputs()[0].name
             return np.concatenate([topk(sess.run(None, {name: x[i : i + 64]})[0], 5)
                                    for i in range(0, len(x), 64)])  # fmt: skip

@@ -38,6 +38,15 @@ def resolve_int8_kernels(choice: str | None = None) -> str:
     return choice
 
 
+def exact_session(model: str | bytes) -> ort.InferenceSession:
+    """A QDQ graph with no fusions: every Q/DQ computed in float, so products accumulate exactly, as
+    in TensorRT's int32 or on a VNNI CPU, whatever this CPU's INT8 kernels would do."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
 def _loadable(path: Path) -> str | bytes:
     """Packed INT4/INT2 weights become INT8 at load, so they run on the INT8 kernels."""
     from serving.quantize.packing import load_unpacked
