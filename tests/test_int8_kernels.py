@@ -80,10 +80,11 @@ def test_rtq_bench_int8_kernels_writes_both_kernels_side_by_side(small_repositor
     (ratio,) = payload["ratios"]
     assert ratio["p50_ratio"] > 0 and ratio["top1_delta_pts"] is not None
     assert payload["auto"] in ("u8s8", "u8u8") and "| u8u8 |" in path.with_suffix(".md").read_text()
-    for name, message in (
-        ("efficientnet_lite0-fp32-openvino", "not ONNX Runtime variants"),
-        ("efficientnet_lite0-fp32-onnxruntime", "float variants run no INT8 kernels"),
+    for args, message in (
+        (["efficientnet_lite0-fp32-openvino"], "not ONNX Runtime variants"),
+        (["efficientnet_lite0-fp32-onnxruntime"], "float variants run no INT8 kernels"),
+        (["--eval-images", "0"], "--eval-images must be positive"),
     ):
-        bad = subprocess.run([*bench, name, "--repository", str(small_repository)],
+        bad = subprocess.run([*bench, *args, "--repository", str(small_repository)],
                              capture_output=True, text=True, timeout=120)  # fmt: skip
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr

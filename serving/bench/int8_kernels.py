@@ -159,6 +159,8 @@ def main(args: argparse.Namespace, command: str) -> int:
     for name in ("runs", "warmup", "threads"):
         if getattr(args, name) <= 0:
             raise RtqError(f"--{name} must be positive")
+    if args.eval_images is not None and args.eval_images <= 0:
+        raise RtqError("--eval-images must be positive")
     progress = not args.quiet
     variants = _variants(Path(args.repository), args.variants)
     load_before = os.getloadavg()[0]
