@@ -17,7 +17,7 @@ from PIL import Image
 from serving.errors import RtqError
 from serving.models.weights import sha256_of
 from serving.models.zoo import IMAGENETTE_WNIDS, create_model, get_spec
-from serving.train.cli import add_arguments, main
+from serving.train.cli import add_arguments, config_from_args, main
 from serving.train.config import TrainConfig
 from serving.train.loop import RunOptions, TrainingInterrupted, read_checkpoint, train
 
@@ -289,3 +289,23 @@ def test_cached_arrays_hold_the_decoded_images(straight_run: Path, cache_dir: Pa
 def test_replace_keeps_config_validation():
     with pytest.raises(RtqError, match="image sizes"):
         replace(TINY, min_size=80)
+
+
+@pytest.mark.parametrize(
+    "flags, device, expected",
+    [
+        ({"avx2", "avx512f", "avx512_bf16"}, "cpu", True),
+        ({"avx2", "amx_bf16"}, "cpu", True),
+        ({"avx2", "fma"}, "cpu", False),  # emulated bf16: ~10x slower than fp32
+        ({"avx2", "fma"}, "cuda", True),
+    ],
+)
+def test_bf16_is_on_by_default_only_where_it_is_fast(monkeypatch, flags, device, expected):
+    import serving.runtimes.cpu as cpu
+
+    monkeypatch.setattr(cpu, "cpu_info", lambda: ("test CPU", frozenset(flags)))
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    assert config_from_args(_parse("--device", device)).bf16 is expected
+    # An explicit choice wins either way.
+    assert config_from_args(_parse("--device", device, "--bf16")).bf16 is True
+    assert config_from_args(_parse("--device", device, "--no-bf16")).bf16 is False

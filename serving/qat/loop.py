@@ -38,6 +38,7 @@ from serving.qat.prepare import (
     track_oscillations,
 )
 from serving.quantize.plan import PrecisionPlan
+from serving.train.distill import distillation_loss
 from serving.train.loop import normalize_batch
 
 Log = Callable[[str], None]
@@ -84,11 +85,7 @@ def _loss(student_logits, teacher_logits, y, cfg: QatConfig, lam: float = 1.0) -
     if not cfg.kd:
         ce = F.cross_entropy(student_logits, y)
         return ce if lam == 1.0 else lam * ce + (1 - lam) * F.cross_entropy(student_logits, y.flip(0))
-    t = cfg.temperature
-    return F.kl_div(
-        F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-        reduction="batchmean", log_target=True,
-    ) * (t * t)  # fmt: skip
+    return distillation_loss(student_logits, teacher_logits, cfg.temperature)
 
 
 def _lr_factor(step: int, total: int) -> float:

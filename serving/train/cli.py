@@ -31,6 +31,10 @@ _CONFIG_FLAGS = {
     "seed": "seed",
     "bf16": "bf16",
     "data": "data",
+    "teacher": "teacher",
+    "kd_weight": "kd_weight",
+    "kd_temperature": "kd_temperature",
+    "teacher_size": "teacher_size",
 }
 
 
@@ -66,12 +70,36 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     sp.add_argument("--seed", type=int, default=None, help=f"default: {d.seed}")
     sp.add_argument(
-        "--no-bf16",
+        "--bf16",
         dest="bf16",
-        action="store_const",
-        const=False,
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="train in fp32 (default: bf16 autocast)",
+        help="bf16 autocast (default: on where the CPU does bf16 natively, avx512_bf16/amx_bf16, or on a "
+        "GPU; emulated bf16 is 10x slower than fp32)",
+    )
+    sp.add_argument(
+        "--teacher",
+        default=None,
+        help="distil from this zoo ImageNet-1k classifier, e.g. efficientnet_lite0: its logits over the "
+        f"data's classes teach on the same augmented batch (default: {d.teacher or 'none, labels only'})",
+    )
+    sp.add_argument(
+        "--kd-weight",
+        type=float,
+        default=None,
+        help=f"share of the loss from the teacher (default: {d.kd_weight})",
+    )
+    sp.add_argument(
+        "--kd-temperature",
+        type=float,
+        default=None,
+        help=f"distillation temperature (default: {d.kd_temperature})",
+    )
+    sp.add_argument(
+        "--teacher-size",
+        type=int,
+        default=None,
+        help=f"teacher input side, the batch resized; 0: the student's size (default: {d.teacher_size})",
     )
     sp.add_argument(
         "--out", type=Path, default=None, help="checkpoint and log folder (default: .cache/train/<name>)"
@@ -106,10 +134,19 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return sp
 
 
+def default_bf16(device: str) -> bool:
+    """bf16 autocast where it is fast: a GPU, or a CPU with bf16 instructions (unknown CPUs: on)."""
+    from serving.runtimes.cpu import native_bf16
+
+    return not device.startswith("cpu") or native_bf16() is not False
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {
         f: getattr(args, flag) for flag, f in _CONFIG_FLAGS.items() if getattr(args, flag, None) is not None
     }
+    if "bf16" not in given:
+        given["bf16"] = default_bf16(getattr(args, "device", "cpu"))
     return TrainConfig(**given)
 
 
@@ -151,6 +188,17 @@ def main(args: argparse.Namespace) -> int:
             )
     if args.workers < 0:
         raise RtqError(f"--workers must be 0 or more, got {args.workers}")
+    fast_bf16 = default_bf16(args.device)
+    if args.bf16 is None and resume is None and not cfg.bf16:
+        print(
+            "note: bf16 autocast off: this CPU has no bf16 instructions (avx512_bf16, amx_bf16)", flush=True
+        )
+    elif cfg.bf16 and not fast_bf16:
+        print(
+            "note: bf16 autocast on a CPU without bf16 instructions is emulated, ~10x slower than fp32"
+            + (" (the checkpoint's setting)" if resume is not None else "; --no-bf16 turns it off"),
+            flush=True,
+        )
     export = args.export
     if export is None:
         export = DEFAULT_EXPORT if cfg.max_images is None and cfg.max_val_images is None else None

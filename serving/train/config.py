@@ -81,6 +81,14 @@ class TrainConfig:
     bf16: bool = True
     channels_last: bool = True
     seed: int = 0
+    # Knowledge distillation (serving/train/distill.py): a zoo ImageNet-1k classifier whose logits
+    # over the data's classes teach the student on its own augmented batch. None: labels only.
+    teacher: str | None = None
+    # Share of the loss from the teacher; the rest is the label cross-entropy.
+    kd_weight: float = 0.5
+    kd_temperature: float = 1.0
+    # The teacher's input side (the student's batch resized); 0: the student's own size.
+    teacher_size: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -104,6 +112,9 @@ class TrainConfig:
             (all(0 <= d < 1 for d in self.dropout), f"dropout must be in [0, 1), got {self.dropout}"),
             (all(0 <= m <= 10 for m in self.randaug), f"RandAugment magnitude is 0-10, got {self.randaug}"),
             (all(a >= 0 for a in self.mixup), f"mixup alpha must be non-negative, got {self.mixup}"),
+            (0 <= self.kd_weight <= 1, f"--kd-weight must be in [0, 1], got {self.kd_weight}"),
+            (self.kd_temperature > 0, f"--kd-temperature must be positive, got {self.kd_temperature}"),
+            (self.teacher_size >= 0, f"--teacher-size must be 0 or more, got {self.teacher_size}"),
         ]
         for limit in (self.max_images, self.max_val_images, self.val_images_per_epoch):
             checks.append((limit is None or limit > 0, f"image limits must be positive, got {limit}"))

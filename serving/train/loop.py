@@ -16,7 +16,7 @@ import resource
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from serving.train.data import (
     train_store_preprocessing,
     worker_init,
 )
+from serving.train.distill import distillation_loss, teacher_logits
 
 CHECKPOINT_FORMAT = "rtq-train/1"
 EVAL_BATCH = 128
@@ -256,9 +257,10 @@ class _Sums:
     correct: int = 0
     seen: int = 0
     seconds: float = 0.0
+    teacher_correct: int = 0  # the teacher's top-1 on the same augmented batches (hard labels)
 
     def as_dict(self) -> dict:
-        return {"loss": self.loss, "correct": self.correct, "seen": self.seen, "seconds": self.seconds}
+        return asdict(self)
 
 
 def train(
@@ -304,6 +306,16 @@ def train(
     dev = opts.device
     model = build_model(cfg, num_classes, schedule[0], dev)
     model.train()
+    teacher = None
+    if cfg.teacher is not None:
+        from serving.train.distill import load_teacher
+
+        teacher = load_teacher(cfg.teacher, folders.classes, cfg.teacher_size, dev, opts.threads)
+        log(
+            f"distilling from {cfg.teacher} on {teacher.runtime} at "
+            f"{f'{cfg.teacher_size} px' if cfg.teacher_size else 'the student size'} "
+            f"(weight {cfg.kd_weight}, temperature {cfg.kd_temperature})"
+        )
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=0.75)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     steps = steps_per_epoch(len(train_split), cfg.batch_size)
@@ -416,6 +428,11 @@ def train(
                 with torch.autocast(_autocast_type(dev), dtype=torch.bfloat16, enabled=cfg.bf16):
                     logits = model(x)
                 loss = torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+                if teacher is not None:
+                    t_logits = teacher_logits(teacher, x, pp.mean, pp.std)
+                    kd = distillation_loss(logits, t_logits, cfg.kd_temperature)
+                    loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
+                    sums.teacher_correct += int((t_logits.argmax(1) == hard).sum())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -468,6 +485,7 @@ def train(
                 "lr_end": optimizer.param_groups[0]["lr"],
                 "train_loss": sums.loss / max(1, sums.seen),
                 "train_top1": sums.correct / max(1, sums.seen),
+                **({"teacher_train_top1": sums.teacher_correct / max(1, sums.seen)} if teacher else {}),
                 "train_images": sums.seen,
                 "train_seconds": round(sums.seconds, 2),
                 "images_per_second": round(sums.seen / max(sums.seconds, 1e-9), 1),
@@ -488,7 +506,8 @@ def train(
             log(
                 f"epoch {record['epoch']}/{cfg.epochs} stage {record['stage']} {stage.image_size}px: "
                 f"loss {record['train_loss']:.3f} train acc {record['train_top1']:.3f} "
-                f"{record['images_per_second']:.0f} img/s | val EMA top-1 {val['top1']:.4f} "
+                + (f"(teacher {record['teacher_train_top1']:.3f}) " if teacher else "")
+                + f"{record['images_per_second']:.0f} img/s | val EMA top-1 {val['top1']:.4f} "
                 f"on {val['images']} ({record['elapsed_s'] / 60:.1f} min)"
             )
             if ctrl_c.requested and epoch < cfg.epochs:
