@@ -19,8 +19,7 @@ from torch import nn
 
 from serving.errors import RtqError
 
-# On the CPU the teacher runs on OpenVINO: 2-2.5x faster than eager PyTorch for Lite0 here (2.1 vs
-# 5.1 ms per image at 112 px, batch 64, 2 threads; PyTorch's bf16 autocast was 16x slower still).
+# Any batch and image size: the student's size changes with every progressive-learning stage.
 TEACHER_BATCH_SHAPE = [-1, 3, -1, -1]
 
 
@@ -77,6 +76,8 @@ def load_teacher(
 
 
 def _openvino_forward(module: nn.Module, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    # On the CPU the teacher runs on OpenVINO: 2-2.5x faster than eager PyTorch for Lite0 here (2.1 vs
+    # 5.1 ms per image at 112 px, batch 64, 2 threads; PyTorch's emulated bf16 was 16x slower still).
     import openvino as ov
 
     graph = ov.convert_model(module, example_input=torch.zeros(1, 3, 64, 64), input=TEACHER_BATCH_SHAPE)
