@@ -385,13 +385,13 @@ def test_openvino_keeps_activation_qdq_on_conv_inputs_only(tmp_path: Path):
     import openvino as ov
     from onnx import numpy_helper
 
-    from serving.runtimes.openvino_runner import quantize_matmul_inputs_only
+    from serving.runtimes.openvino_runner import clip_qdq_off_conv_inputs
 
     model = _qdq_conv_silu_conv()
     onnx.checker.check_model(model)
     slim = onnx.ModelProto()
     slim.CopyFrom(model)
-    assert quantize_matmul_inputs_only(slim) == 3  # Sigmoid and Mul read c1's Clip, Add silu's
+    assert clip_qdq_off_conv_inputs(slim) == 3  # Sigmoid and Mul read c1's Clip, Add silu's
     nodes = {n.output[0]: n for n in slim.graph.node}
     kept = [n.output[0] for n in slim.graph.node if n.op_type == "DequantizeLinear"]
     assert kept == ["xq", "w1f", "w2f", "siluq"]  # conv inputs and weights; c1's pair is gone

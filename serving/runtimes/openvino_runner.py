@@ -22,7 +22,7 @@ _HINTS = {"fp32": "f32", "fp16": "f16", "int8": "f32"}
 _INTEGER_INPUT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
-def quantize_matmul_inputs_only(model: onnx.ModelProto) -> int:
+def clip_qdq_off_conv_inputs(model: onnx.ModelProto) -> int:
     """Activation Q/DQ pairs that feed anything but a conv/matmul's data input become a Clip to
     their range (in place); returns how many consumers now read the Clip.
 
@@ -95,7 +95,7 @@ def _read(core: ov.Core, path: Path) -> ov.Model:
     unpacked = load_unpacked(path)
     if unpacked is None:
         return core.read_model(str(path))
-    quantize_matmul_inputs_only(unpacked)
+    clip_qdq_off_conv_inputs(unpacked)
     with tempfile.TemporaryDirectory() as tmp:
         plain = Path(tmp) / "unpacked.onnx"
         onnx.save(unpacked, str(plain))
