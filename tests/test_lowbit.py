@@ -415,3 +415,23 @@ def test_openvino_keeps_activation_qdq_on_conv_inputs_only(tmp_path: Path):
     info = [(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
             for op in ops]  # fmt: skip
     assert [p for t, p in info if t == "Convolution"] == ["u8", "u8"], info  # still INT8 convs
+
+
+def test_lowbit_pareto_plot_draws_the_exact_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The kernel column depends on the CPU (u8 x s8 saturates without VNNI); the plot must not."""
+    from matplotlib.figure import Figure
+
+    from serving.bench.lowbit import _pareto_plot
+
+    drawn: list[Figure] = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), save(self, *a, **k)))
+    rows = [
+        {"variant": "fp32", "method": "fp32", "mixed": False, "file_bytes": 16e6, "top1": 0.75},
+        {"variant": "int8", "method": "int8", "mixed": False, "file_bytes": 4e6, "top1": 0.70,
+         "top1_exact": 0.74},
+    ]  # fmt: skip
+    _pareto_plot(rows, tmp_path / "p.png", "t")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    points = [tuple(c.get_offsets()[0]) for c in drawn[0].axes[0].collections]
+    assert points == [(16.0, 75.0), (4.0, 74.0)]
