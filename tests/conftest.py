@@ -40,6 +40,14 @@ def data_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def imagenette(data_root: Path) -> Path:
+    """The data root, skipping where it holds no imagenette train/ and val/."""
+    if not all((data_root / "imagenette" / split).is_dir() for split in ("train", "val")):
+        pytest.skip(f"no imagenette at {data_root}")
+    return data_root
+
+
+@pytest.fixture(scope="session")
 def small_repository(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
     """Lite0 FP32 + INT8 on ONNX Runtime and OpenVINO, built by the real `build` once per session.
 

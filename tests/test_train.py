@@ -36,13 +36,6 @@ TINY = TrainConfig(
 
 
 @pytest.fixture(scope="module")
-def imagenette(data_root: Path) -> Path:
-    if not (data_root / "imagenette" / "train").is_dir():
-        pytest.skip(f"no imagenette at {data_root}")
-    return data_root
-
-
-@pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("train-cache")
 

@@ -31,13 +31,6 @@ TEACHER = "efficientnet_lite0"
 
 
 @pytest.fixture(scope="module")
-def imagenette(data_root: Path) -> Path:
-    if not (data_root / "imagenette" / "val").is_dir():
-        pytest.skip(f"no imagenette at {data_root}")
-    return data_root
-
-
-@pytest.fixture(scope="module")
 def teacher():
     return load_teacher(TEACHER, IMAGENETTE_WNIDS, size=0, threads=1)
 
