@@ -282,6 +282,17 @@ def train(
     if resume is not None:
         # Against ARCH, not cfg.timm_name: a resumed run's config comes from the checkpoint itself.
         check_checkpoint(resume, resume_path or Path("?"), ARCH, folders.classes)
+    # Before the images are decoded: a teacher that cannot teach fails in a second, not after minutes.
+    teacher = None
+    if cfg.teacher is not None:
+        from serving.train.distill import load_teacher
+
+        teacher = load_teacher(cfg.teacher, folders.classes, cfg.teacher_size, opts.device, opts.threads)
+        log(
+            f"distilling from {cfg.teacher} on {teacher.runtime} at "
+            f"{f'{cfg.teacher_size} px' if cfg.teacher_size else 'the student size'} "
+            f"(weight {cfg.kd_weight}, temperature {cfg.kd_temperature})"
+        )
     train_split = balanced_subset(folders.train, cfg.max_images)
     val_split = balanced_subset(folders.val, cfg.max_val_images)
     pp = eval_preprocessing(cfg)
@@ -306,16 +317,6 @@ def train(
     dev = opts.device
     model = build_model(cfg, num_classes, schedule[0], dev)
     model.train()
-    teacher = None
-    if cfg.teacher is not None:
-        from serving.train.distill import load_teacher
-
-        teacher = load_teacher(cfg.teacher, folders.classes, cfg.teacher_size, dev, opts.threads)
-        log(
-            f"distilling from {cfg.teacher} on {teacher.runtime} at "
-            f"{f'{cfg.teacher_size} px' if cfg.teacher_size else 'the student size'} "
-            f"(weight {cfg.kd_weight}, temperature {cfg.kd_temperature})"
-        )
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=0.75)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     steps = steps_per_epoch(len(train_split), cfg.batch_size)
