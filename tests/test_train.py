@@ -17,7 +17,7 @@ from PIL import Image
 from serving.errors import RtqError
 from serving.models.weights import sha256_of
 from serving.models.zoo import IMAGENETTE_WNIDS, create_model, get_spec
-from serving.train.cli import add_arguments, config_from_args, main
+from serving.train.cli import DEFAULT_EXPORT, add_arguments, config_from_args, export_path, main
 from serving.train.config import TrainConfig
 from serving.train.loop import RunOptions, TrainingInterrupted, read_checkpoint, train
 
@@ -124,6 +124,23 @@ def test_tiny_run_writes_checkpoint_curves_log_and_exports_into_the_zoo(straight
     # fp16 weights: a few parts in 1e3 of the logits' range, far below what a wrong tensor gives.
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-2 * ref.abs().max().item())
     assert not torch.equal(got, ref)  # it really went through fp16
+
+
+def test_resume_exports_where_the_run_was_started_to(straight_run: Path, tmp_path: Path):
+    # A resumed full-data run once wrote the committed weights/ file because --export was not kept.
+    full = TrainConfig()
+    ckpt = read_checkpoint(straight_run / "last.pt")
+    assert ckpt["export"] is None  # the tiny run exports beside its checkpoint
+    assert export_path(None, TINY, ckpt) is None
+    mine = tmp_path / "kd.safetensors"
+    assert export_path(None, full, {**ckpt, "export": str(mine)}) == mine
+    given = tmp_path / "x.safetensors"
+    assert export_path(given, full, {**ckpt, "export": str(mine)}) == given
+    old = {k: v for k, v in ckpt.items() if k != "export"}
+    for command in (f"rtq train --export {mine} -q", f"rtq train --export={mine}"):
+        assert export_path(None, full, {**old, "command": command}) == mine
+    assert export_path(None, full, {**old, "command": "rtq train -q"}) == DEFAULT_EXPORT
+    assert export_path(None, full, None) == DEFAULT_EXPORT and export_path(None, TINY, None) is None
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_weights(

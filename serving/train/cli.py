@@ -166,6 +166,23 @@ def _resume_config(ckpt: dict, args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+def export_path(given: Path | None, cfg: TrainConfig, resume: dict | None) -> Path | None:
+    """--export, else where the resumed run was started to export, else the default for its kind of run."""
+    if given is not None:
+        return given
+    if resume is not None:
+        if "export" in resume:
+            return None if resume["export"] is None else Path(resume["export"])
+        # Checkpoints from before the key existed: the flag is in the command that started the run.
+        started = shlex.split(resume.get("command", ""))
+        for i, arg in enumerate(started):
+            if arg.startswith("--export="):
+                return Path(arg.split("=", 1)[1])
+            if arg == "--export" and i + 1 < len(started):
+                return Path(started[i + 1])
+    return DEFAULT_EXPORT if cfg.max_images is None and cfg.max_val_images is None else None
+
+
 def main(args: argparse.Namespace) -> int:
     from serving.train.loop import RunOptions, TrainingInterrupted, read_checkpoint, train
 
@@ -199,9 +216,7 @@ def main(args: argparse.Namespace) -> int:
             + (" (the checkpoint's setting)" if resume is not None else "; --no-bf16 turns it off"),
             flush=True,
         )
-    export = args.export
-    if export is None:
-        export = DEFAULT_EXPORT if cfg.max_images is None and cfg.max_val_images is None else None
+    export = export_path(args.export, cfg, resume)
     resume_cmd = ["rtq", "train", "--out", str(out), "--resume"]
     if resume_path is not None and args.resume != "last":
         resume_cmd[-1:] = ["--resume", str(out / "last.pt")]

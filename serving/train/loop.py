@@ -387,6 +387,8 @@ def train(
                 "history": history,
                 "partial": sums.as_dict(),
                 "elapsed_s": elapsed(),
+                # A resume without --export must write where this run was asked to, not the default.
+                "export": None if opts.export is None else str(Path(opts.export).resolve()),
                 **commands,
             },
             ckpt_path,
