@@ -19,7 +19,7 @@ from serving.models.weights import sha256_of
 from serving.models.zoo import IMAGENETTE_WNIDS, create_model, get_spec
 from serving.train.cli import DEFAULT_EXPORT, add_arguments, config_from_args, export_path, main
 from serving.train.config import TrainConfig
-from serving.train.loop import RunOptions, TrainingInterrupted, read_checkpoint, train
+from serving.train.loop import RunOptions, TrainingInterrupted, build_model, read_checkpoint, train
 
 # 40 train / 20 val images, 2 stages of one epoch (32 then 64 px), 2 steps per epoch.
 TINY = TrainConfig(
@@ -141,6 +141,45 @@ def test_resume_exports_where_the_run_was_started_to(straight_run: Path, tmp_pat
         assert export_path(None, full, {**old, "command": command}) == mine
     assert export_path(None, full, {**old, "command": "rtq train -q"}) == DEFAULT_EXPORT
     assert export_path(None, full, None) == DEFAULT_EXPORT and export_path(None, TINY, None) is None
+
+
+def test_init_starts_from_a_checkpoints_ema(
+    straight_run: Path, imagenette: Path, cache_dir: Path, tmp_path: Path
+):
+    ema = read_checkpoint(straight_run / "last.pt")["ema"]
+    fresh = build_model(TINY, 10, TINY.schedule()[0]).state_dict()
+    # A learning rate too small to move the weights: what comes out is what went in.
+    still = replace(TINY, lr=1e-9, min_lr=1e-9, warmup_epochs=0.0)
+    for init in (straight_run / "last.pt", straight_run / "efficientnetv2_b0_imagenette.safetensors"):
+        out = tmp_path / init.suffix[1:]
+        train(still, _opts(out, cache_dir, imagenette, workers=0, init=init))
+        got = read_checkpoint(out / "last.pt")["model"]
+        for key in ("conv_stem.weight", "classifier.weight", "blocks.5.0.conv_pwl.weight"):
+            # fp16 export: a few parts in 1e3; batch-norm running stats move in train mode, so weights only.
+            torch.testing.assert_close(got[key], ema[key], rtol=0, atol=2e-3 * ema[key].abs().max().item())
+            assert not torch.allclose(got[key], fresh[key], atol=1e-3), key
+
+
+def test_bad_init_gives_one_line_errors(straight_run: Path, imagenette: Path, tmp_path: Path):
+    base = ["--data-root", str(imagenette), "--cache-dir", str(tmp_path / "cache"), "--max-images", "20"]
+    _one_line_error(
+        [*base, "--resume", str(straight_run / "last.pt"), "--init", str(straight_run / "last.pt")],
+        r"--init starts a new run .* pass only one",
+    )
+    five = {
+        k: v[:5] if k.startswith("classifier") else v
+        for k, v in read_checkpoint(straight_run / "last.pt")["ema"].items()
+    }
+    torch.save(five, tmp_path / "five.pt")
+    _one_line_error(
+        [*base, "--out", str(tmp_path / "a"), "--init", str(tmp_path / "five.pt")],
+        r"weights --init .*five.pt do not match the model's keys: 2 with another shape \(e.g. classifier",
+    )
+    _one_line_error(
+        [*base, "--out", str(tmp_path / "b"), "--init", str(tmp_path / "nope.pt")],
+        r"weights file .*nope.pt does not exist",
+    )
+    _one_line_error([*base, "--warmup-epochs", "-1"], r"--warmup-epochs must be 0 or more, got -1")
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_weights(

@@ -25,6 +25,7 @@ _CONFIG_FLAGS = {
     "max_size": "max_size",
     "eval_size": "eval_size",
     "lr": "lr",
+    "warmup_epochs": "warmup_epochs",
     "max_images": "max_images",
     "max_val_images": "max_val_images",
     "val_images_per_epoch": "val_images_per_epoch",
@@ -61,6 +62,20 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sp.add_argument("--max-size", **pos, help=f"last stage's image size (default: {d.max_size})")
     sp.add_argument("--eval-size", **pos, help=f"val and serving resolution (default: {d.eval_size})")
     sp.add_argument("--lr", type=float, default=None, help=f"AdamW peak learning rate (default: {d.lr})")
+    sp.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=None,
+        help=f"linear learning-rate warm-up (default: {d.warmup_epochs})",
+    )
+    sp.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        metavar="WEIGHTS",
+        help="start from these weights instead of from scratch (an rtq train last.pt: its EMA; or an "
+        "exported .safetensors), e.g. to fine-tune at the eval size with --stages 1",
+    )
     sp.add_argument("--max-images", **pos, help="class-balanced train subset (smoke runs)")
     sp.add_argument("--max-val-images", **pos, help="class-balanced val subset")
     sp.add_argument(
@@ -194,6 +209,8 @@ def main(args: argparse.Namespace) -> int:
     out = args.out or PROJECT_ROOT / ".cache" / "train" / name
     resume = resume_path = None
     if args.resume is not None:
+        if getattr(args, "init", None) is not None:
+            raise RtqError("--init starts a new run from weights; --resume continues one: pass only one")
         resume_path = out / "last.pt" if args.resume == "last" else Path(args.resume)
         resume = read_checkpoint(resume_path)
         cfg = _resume_config(resume, args)
@@ -228,6 +245,7 @@ def main(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir or PROJECT_ROOT / ".cache" / "train" / "data",
         data_root=args.data_root,
         export=export,
+        init=getattr(args, "init", None),
         threads=args.threads,
         workers=args.workers,
         device=args.device,

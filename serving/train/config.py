@@ -106,6 +106,7 @@ class TrainConfig:
             (self.eval_size > 0, f"--eval-size must be positive, got {self.eval_size}"),
             (self.batch_size >= 2, f"--batch-size must be at least 2 (batch norm), got {self.batch_size}"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}"),
             (0 < self.crop_scale_min <= 1, f"crop scale must be in (0, 1], got {self.crop_scale_min}"),
             (0 <= self.ema_decay < 1, f"EMA decay must be in [0, 1), got {self.ema_decay}"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),

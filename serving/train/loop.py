@@ -58,6 +58,7 @@ class RunOptions:
     cache_dir: Path
     data_root: Path | None = None
     export: Path | None = None  # None: <out>/<name>.safetensors
+    init: Path | None = None  # weights to start from instead of a random init
     threads: int = 2
     workers: int = 1
     # "cpu" is the recipe's target; "cuda" runs the same recipe on a lent GPU (a recipe check: its
@@ -212,6 +213,20 @@ def read_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def read_init_weights(path: Path) -> dict[str, torch.Tensor]:
+    """An rtq train checkpoint's EMA weights (what its run exports), or any state_dict file's."""
+    from serving.models.weights import read_state_dict
+
+    if path.suffix == ".pt" and path.is_file():
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # not ours; read_state_dict gives the one-line error
+            ckpt = None
+        if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
+            return ckpt["ema"]
+    return read_state_dict(path)
+
+
 def check_checkpoint(ckpt: dict, path: Path, arch: str, classes: tuple[str, ...]) -> None:
     """The checkpoint must be of the architecture this command trains and of the data's classes."""
     if ckpt.get("arch") != arch:
@@ -293,6 +308,7 @@ def train(
             f"{f'{cfg.teacher_size} px' if cfg.teacher_size else 'the student size'} "
             f"(weight {cfg.kd_weight}, temperature {cfg.kd_temperature})"
         )
+    init_weights = None if resume is not None or opts.init is None else read_init_weights(opts.init)
     train_split = balanced_subset(folders.train, cfg.max_images)
     val_split = balanced_subset(folders.val, cfg.max_val_images)
     pp = eval_preprocessing(cfg)
@@ -316,6 +332,11 @@ def train(
     num_classes = len(folders.classes)
     dev = opts.device
     model = build_model(cfg, num_classes, schedule[0], dev)
+    if init_weights is not None:
+        from serving.models.weights import load_into
+
+        load_into(model, init_weights, f"--init {opts.init}")  # names what does not fit (e.g. the head)
+        log(f"starting from the weights in {opts.init}")
     model.train()
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=0.75)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
