@@ -12,6 +12,7 @@ import openvino as ov
 
 from serving.errors import RtqError
 from serving.runtimes.base import Runner, check_batch
+from serving.runtimes.signal_stack import keep_signal_stack
 
 # What each declared precision asks OpenVINO to compute in; int8 graphs keep their u8/i8 convs and
 # run the rest in f32 so INT8 is compared with true FP32, not with bf16.
@@ -108,22 +109,23 @@ class OpenVinoRunner(Runner):
 
     def __init__(self, model_path: Path, precision: str = "fp32", threads: int = 2):
         super().__init__(model_path, precision, threads)
-        core = ov.Core()
-        config = {
-            "INFERENCE_NUM_THREADS": threads,
-            "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": 1,
-        }
-        hint = _HINTS.get(precision, "f32")
-        if hint == "f16" and "FP16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            hint = "f32"  # no native f16 math on this CPU: f16 weights, f32 compute
-        config["INFERENCE_PRECISION_HINT"] = hint
-        try:
-            self.compiled = core.compile_model(_read(core, Path(model_path)), "CPU", config)
-        except Exception as exc:  # OpenVINO raises RuntimeError with multi-line C++ traces
-            raise RtqError(
-                f"OpenVINO cannot load {model_path}: {str(exc).strip().splitlines()[0][:300]}"
-            ) from None
+        with keep_signal_stack():  # the CPU plugin is created here: see signal_stack.py
+            core = ov.Core()
+            config = {
+                "INFERENCE_NUM_THREADS": threads,
+                "PERFORMANCE_HINT": "LATENCY",
+                "NUM_STREAMS": 1,
+            }
+            hint = _HINTS.get(precision, "f32")
+            if hint == "f16" and "FP16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+                hint = "f32"  # no native f16 math on this CPU: f16 weights, f32 compute
+            config["INFERENCE_PRECISION_HINT"] = hint
+            try:
+                self.compiled = core.compile_model(_read(core, Path(model_path)), "CPU", config)
+            except Exception as exc:  # OpenVINO raises RuntimeError with multi-line C++ traces
+                raise RtqError(
+                    f"OpenVINO cannot load {model_path}: {str(exc).strip().splitlines()[0][:300]}"
+                ) from None
         self.request = self.compiled.create_infer_request()
         inp = self.compiled.input(0)
         self.input_shape = tuple(int(d.get_length()) for d in inp.get_partial_shape()[1:])

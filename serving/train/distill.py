@@ -80,11 +80,14 @@ def _openvino_forward(module: nn.Module, threads: int) -> Callable[[torch.Tensor
     # 5.1 ms per image at 112 px, batch 64, 2 threads; PyTorch's emulated bf16 was 16x slower still).
     import openvino as ov
 
+    from serving.runtimes.signal_stack import keep_signal_stack
+
     graph = ov.convert_model(module, example_input=torch.zeros(1, 3, 64, 64), input=TEACHER_BATCH_SHAPE)
     # f32 keeps the teacher's logits those of the PyTorch model (bf16 was no faster without AMX).
-    compiled = ov.Core().compile_model(
-        graph, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
-    )
+    with keep_signal_stack():  # the CPU plugin is created here: see serving/runtimes/signal_stack.py
+        compiled = ov.Core().compile_model(
+            graph, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+        )
     request = compiled.create_infer_request()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
