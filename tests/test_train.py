@@ -175,6 +175,21 @@ def test_bad_init_gives_one_line_errors(straight_run: Path, imagenette: Path, tm
         [*base, "--out", str(tmp_path / "a"), "--init", str(tmp_path / "five.pt")],
         r"weights --init .*five.pt do not match the model's keys: 2 with another shape \(e.g. classifier",
     )
+    # An rtq checkpoint of the right shapes but another architecture or other classes: a head that
+    # would load and name the wrong class for every image.
+    ckpt = read_checkpoint(straight_run / "last.pt")
+    torch.save({**ckpt, "arch": "tf_efficientnet_lite0"}, tmp_path / "lite.pt")
+    _one_line_error(
+        [*base, "--out", str(tmp_path / "c"), "--init", str(tmp_path / "lite.pt")],
+        r"--init checkpoint .*lite.pt is for architecture tf_efficientnet_lite0, but rtq train trains "
+        r"tf_efficientnetv2_b0; give --init a tf_efficientnetv2_b0 run's last.pt",
+    )
+    renamed = ("n00000000", *ckpt["classes"][1:])
+    torch.save({**ckpt, "classes": renamed}, tmp_path / "renamed.pt")
+    _one_line_error(
+        [*base, "--out", str(tmp_path / "d"), "--init", str(tmp_path / "renamed.pt")],
+        r"--init checkpoint .*renamed.pt was trained on other classes than the data's \(e.g. \['n00000000'",
+    )
     _one_line_error(
         [*base, "--out", str(tmp_path / "b"), "--init", str(tmp_path / "nope.pt")],
         r"weights file .*nope.pt does not exist",

@@ -46,6 +46,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"cannot read weights file {path}: {first[:200]} (expected a .safetensors file or a "
             "torch state_dict saved with torch.save)"
         ) from None
+    return state_dict_of(sd, path)
+
+
+def state_dict_of(obj: object, path: str | Path) -> dict[str, torch.Tensor]:
+    """The flat name -> tensor dict inside what torch.load or safetensors read from path."""
+    sd = obj
     for key in _CONTAINER_KEYS:
         if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
             sd = sd[key]

@@ -213,37 +213,43 @@ def read_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def read_init_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_init_weights(path: Path, arch: str, classes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """An rtq train checkpoint's EMA weights (what its run exports), or any state_dict file's."""
-    from serving.models.weights import read_state_dict
+    from serving.models.weights import read_state_dict, state_dict_of
 
-    if path.suffix == ".pt" and path.is_file():
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # not ours; read_state_dict gives the one-line error
-            ckpt = None
-        if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
-            return ckpt["ema"]
-    return read_state_dict(path)
+    if path.suffix != ".pt" or not path.is_file():
+        return read_state_dict(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - read_state_dict gives the one-line error
+        return read_state_dict(path)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        # Shapes alone would let a head trained on other classes in the same count load silently.
+        check_checkpoint(obj, path, arch, classes, role="--init")
+        return obj["ema"]
+    return state_dict_of(obj, path)
 
 
-def check_checkpoint(ckpt: dict, path: Path, arch: str, classes: tuple[str, ...]) -> None:
+def check_checkpoint(
+    ckpt: dict, path: Path, arch: str, classes: tuple[str, ...], role: str = "resume"
+) -> None:
     """The checkpoint must be of the architecture this command trains and of the data's classes."""
+    resuming = role == "resume"
     if ckpt.get("arch") != arch:
         raise RtqError(
-            f"resume checkpoint {path} is for architecture {ckpt.get('arch')}, but rtq train trains {arch}; "
-            "start a new run with another --out"
+            f"{role} checkpoint {path} is for architecture {ckpt.get('arch')}, but rtq train trains {arch}; "
+            + ("start a new run with another --out" if resuming else f"give --init a {arch} run's last.pt")
         )
     theirs = tuple(ckpt.get("classes", ()))
     if len(theirs) != len(classes):
         raise RtqError(
-            f"resume checkpoint {path} has {len(theirs)} classes, but the data has {len(classes)} class "
-            "folders; resume with the data it was trained on"
+            f"{role} checkpoint {path} has {len(theirs)} classes, but the data has {len(classes)} class "
+            + ("folders; resume with the data it was trained on" if resuming else "folders")
         )
     if theirs != classes:
         diff = sorted(set(theirs) ^ set(classes))
         raise RtqError(
-            f"resume checkpoint {path} was trained on other classes than the data's (e.g. {diff[:2]})"
+            f"{role} checkpoint {path} was trained on other classes than the data's (e.g. {diff[:2]})"
         )
 
 
@@ -308,7 +314,9 @@ def train(
             f"{f'{cfg.teacher_size} px' if cfg.teacher_size else 'the student size'} "
             f"(weight {cfg.kd_weight}, temperature {cfg.kd_temperature})"
         )
-    init_weights = None if resume is not None or opts.init is None else read_init_weights(opts.init)
+    init_weights = None
+    if resume is None and opts.init is not None:
+        init_weights = read_init_weights(opts.init, ARCH, folders.classes)
     train_split = balanced_subset(folders.train, cfg.max_images)
     val_split = balanced_subset(folders.val, cfg.max_val_images)
     pp = eval_preprocessing(cfg)
