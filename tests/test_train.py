@@ -101,6 +101,8 @@ def test_tiny_run_writes_checkpoint_curves_log_and_exports_into_the_zoo(straight
     assert all(h["val_images"] == 20 and h["train_images"] == 32 for h in log["history"])
     summary = log["summary"]
     assert summary["wall_s"] > 0 and summary["peak_memory"]["main_mib"] > 100
+    # Committed as a result file as it is: it names its date and machine.
+    assert log["date"].startswith("20") and log["machine"]["cores"] == os.cpu_count()
 
     weights = straight_run / "efficientnetv2_b0_imagenette.safetensors"
     manifest = json.loads(weights.with_suffix(".json").read_text())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import random
 import resource
 import signal
@@ -561,7 +560,9 @@ def train(
     }
     manifest = export_weights(ema.module, export, cfg, folders, pp, summary, opts, commands)
     summary["sha256"] = manifest["sha256"]
-    _write_log(opts.out, cfg, history, summary, commands)
+    # The log is what gets committed as a result: it carries the date and machine, as the manifest does.
+    stamp = {"date": manifest["date"], "machine": manifest["machine"]}
+    _write_log(opts.out, cfg, history, summary, {**commands, **stamp})
     log(
         f"done: val top-1 EMA {final_ema['top1']:.4f} (raw {final_raw['top1']:.4f}) on {final_ema['images']} "
         f"images; wall {summary['wall_s'] / 60:.1f} min; peak RSS {summary['peak_memory']['main_mib']:.0f} "
@@ -584,6 +585,8 @@ def export_weights(
     """fp16 .safetensors (what the zoo loads) + a JSON manifest beside it with sha256 and command."""
     import timm
     from safetensors.torch import save_file
+
+    from serving.runtimes.cpu import cpu_info
 
     sd = {
         k: v.detach().to("cpu", torch.float16).contiguous()
@@ -610,7 +613,7 @@ def export_weights(
         "results": summary,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_info()[0],  # the model name; platform.processor() says only "x86_64" on Linux
             "cores": os.cpu_count(),
             "threads": opts.threads,
             "device": opts.device,
