@@ -98,6 +98,34 @@ def test_weight_quantizer_grid_gradients_and_freezing():
     assert not q.frozen.view(-1)[1:].any()
 
 
+def test_asymmetric_weight_grid_learns_integer_zero_points():
+    """2-bit weights with a zero point per channel: integers 0..3, (q - z) * s, z an integer that
+    learns where the grid clips; a channel of mostly positive weights gets two positive levels."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 8, 3, 3)
+    w[:3] = w[:3].abs()  # skewed channels: a symmetric 2-bit grid (-2..1) has one positive level
+    w.requires_grad_(True)
+    sym, asym = WeightFakeQuant(6), WeightFakeQuant(6)
+    sym.reset(w, 2)
+    asym.reset(w, 2, symmetric=False)
+    assert asym.qmin == 0 and asym.qmax == 3 and sym.qmin == -2 and sym.qmax == 1
+    z = asym.zero_points().detach()
+    assert torch.equal(z, z.round()) and z.min() >= 0 and z.max() <= 3
+    assert (z[:3] <= 1).all()  # more levels above zero than below for the positive channels
+    ints = asym.integers(w)
+    assert ints.min() >= 0 and ints.max() <= 3
+    out = asym(w)
+    s = asym.step().detach().view(-1, 1, 1, 1)
+    torch.testing.assert_close(out.detach(), (ints - z.view(-1, 1, 1, 1)) * s)
+    err = {n: float(((q(w) - w) ** 2)[:3].sum().detach()) for n, q in (("sym", sym), ("asym", asym))}
+    assert err["asym"] < 0.8 * err["sym"], err
+    out.pow(2).sum().backward()  # some weights clip, so the zero point gets a gradient
+    assert asym.zero_point.grad is not None and asym.zero_point.grad.abs().sum() > 0
+    assert sym.zero_points().abs().sum() == 0
+    qw = asym.spec
+    assert not qw.symmetric and qw.bits == 2
+
+
 def test_activation_quantizer_uses_observed_range_and_keeps_it_when_bits_drop():
     a = ActFakeQuant()
     a.observing = True
@@ -120,6 +148,14 @@ def test_progressive_phases_step_down_to_the_plan():
     assert [p.weight_bits for p in progressive_phases(w2a4, (), 3)] == [2]
     with pytest.raises(RtqError, match="cannot cover"):
         progressive_phases(w2a4, (8, 4, 2), 2)
+    # An uneven split puts the epochs at the bits that ship.
+    split = progressive_phases(w2a4, (4, 2), 6, (1, 5))
+    assert [(p.weight_bits, p.epochs) for p in split] == [(4, 1), (2, 5)]
+    for bad in ((1, 4), (6,), (0, 6)):
+        with pytest.raises(RtqError, match="--phase-epochs"):
+            progressive_phases(w2a4, (4, 2), 6, bad)
+    with pytest.raises(RtqError, match="sum to --epochs"):
+        QatConfig(epochs=4, phase_epochs=(1, 5))
 
 
 def test_plan_bits_reach_the_layers_and_first_last_stay_8bit():
@@ -137,21 +173,61 @@ def test_plan_bits_reach_the_layers_and_first_last_stay_8bit():
         prepare(_teacher().module, parse_plan({"name": "bad", "layers": {"nope.conv": 4}}))
 
 
-def test_qat_integers_are_what_the_build_serves(tmp_path: Path):
+@pytest.mark.parametrize("asymmetric", [False, True], ids=["symmetric", "asymmetric"])
+def test_qat_integers_are_what_the_build_serves(tmp_path: Path, asymmetric: bool):
     """Train one tiny epoch, then the FP32 graph with the exported integers computes the student."""
-    loaded = _teacher()
     from serving.export.onnx_export import export_onnx
+    from serving.qat.cli import resolve_plan
 
+    loaded = _teacher()
     fp32 = export_onnx(loaded, tmp_path / "fp32.onnx")
     cfg = QatConfig(epochs=1, progressive=(), batch_size=16, calibration_images=16, image_size=RES)
-    result = run_qat(loaded, preset_plan("w4a8"), _data(), cfg, tmp_path / "qat", log=lambda m: None)
+    trained = resolve_plan("w4a8", asymmetric=asymmetric)
+    assert trained.name == ("w4a8asym" if asymmetric else "w4a8")
+    result = run_qat(loaded, trained, _data(), cfg, tmp_path / "qat", log=lambda m: None)
     assert result.summary["weight_bits"]["blocks.1.0.conv_exp"] == 4
     assert result.summary["weight_bits"]["conv_stem"] == 8
     plan = load_plan(result.plan_path)
     assert plan.method == "qat" and Path(plan.qat_file) == result.integers_path and plan.act_bits == 8
+    assert plan.weights.symmetric is not asymmetric
     model = onnx.load(str(fp32))
     qlayers = load_qat_layers(model, plan)
     assert {ql.weight.spec.bits for ql in qlayers} == {4, 8}
+    by_bits = {ql.weight.spec.bits: ql.weight for ql in qlayers}
+    assert by_bits[8].spec.symmetric and by_bits[4].spec.symmetric is not asymmetric
+    if asymmetric:
+        assert by_bits[4].zero_point.min() >= 0 and by_bits[4].zero_point.max() <= 15
+        assert len(np.unique(by_bits[4].zero_point)) > 1  # learned per channel, not one shared value
+        other = load_plan(result.plan_path)
+        from dataclasses import replace as dc_replace
+
+        other = dc_replace(other, weights=dc_replace(other.weights, symmetric=True))
+        with pytest.raises(RtqError, match="asymmetric grid"):
+            load_qat_layers(model, other)
+        # Packed (signed int4 + zero points), then unpacked as the runners do: every served weight is
+        # the trained (q - z) * s.
+        from onnx import numpy_helper
+
+        from serving.quantize.lowbit_export import build_lowbit
+        from serving.quantize.packing import unpack
+
+        calib = np.random.default_rng(2).normal(size=(16, 3, RES, RES)).astype(np.float32)
+        dst = tmp_path / "served.onnx"
+        info = build_lowbit(fp32, dc_replace(plan, calibration_images=16), calib, dst, log=lambda m: None)
+        assert info["packed"] == {"int4": sum(ql.weight.spec.bits == 4 for ql in qlayers)}
+        served = unpack(onnx.load(str(dst)))
+        inits = {t.name: numpy_helper.to_array(t) for t in served.graph.initializer}
+        want = {ql.layer.weight: ql.weight.dequantize() for ql in qlayers}
+        checked = 0
+        for node in served.graph.node:
+            weight = node.input[0].removesuffix("_quantized")
+            if node.op_type == "DequantizeLinear" and weight in want:
+                q, s, z = (inits[i] for i in node.input)
+                shape = (-1,) + (1,) * (q.ndim - 1)
+                got = (q.astype(np.float32) - z.reshape(shape)) * s.reshape(shape)
+                np.testing.assert_allclose(got, want[weight], rtol=1e-6, atol=1e-7)
+                checked += 1
+        assert checked == len(qlayers)
     # The student with activation quantizers off vs the FP32 graph carrying the trained integers.
     student = _student_from(result, loaded)
     x = np.random.default_rng(1).normal(size=(3, 3, RES, RES)).astype(np.float32)
@@ -164,11 +240,13 @@ def test_qat_integers_are_what_the_build_serves(tmp_path: Path):
 def test_the_integers_file_holds_the_whole_fake_quantized_student(tmp_path: Path):
     """Weights, steps and the learned input grids: the student rebuilt from the file alone computes
     what training left (the served-gap diagnosis in README depends on it)."""
+    from serving.qat.cli import resolve_plan
     from serving.qat.integers import load_student
 
     loaded = _teacher()
     cfg = QatConfig(epochs=1, progressive=(), batch_size=16, calibration_images=16, image_size=RES, mixup=0.4)
-    result = run_qat(loaded, preset_plan("w4a4"), _data(), cfg, tmp_path / "qat", log=lambda m: None)
+    plan = resolve_plan("w4a4", asymmetric=True)  # zero points are part of the file too
+    result = run_qat(loaded, plan, _data(), cfg, tmp_path / "qat", log=lambda m: None)
     rebuilt = load_student(loaded, result.integers_path)
     x = torch.from_numpy(np.random.default_rng(1).normal(size=(4, 3, RES, RES)).astype(np.float32))
     with torch.no_grad():
@@ -195,7 +273,8 @@ def _student_from(result, loaded: LoadedModel):
                 got = by_layer[name]
                 shape = (-1,) + (1,) * (mod.weight.dim() - 1)
                 step = torch.from_numpy(got["step"]).view(shape)
-                mod.weight.copy_(torch.from_numpy(got["q"]).float() * step)
+                zp = torch.from_numpy(got.get("zero_point", np.zeros(len(step), np.int8))).float().view(shape)
+                mod.weight.copy_((torch.from_numpy(got["q"]).float() - zp) * step)
                 mod.bias.copy_(torch.from_numpy(got["bias"]))
     return m.eval()
 
@@ -234,6 +313,12 @@ def test_rtq_qat_refuses_data_of_another_label_space(tmp_path: Path, data_root: 
         cli.main(args)
     with pytest.raises(SystemExit):
         parser.parse_args(["--progressive", "8,x"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--phase-epochs", "1,0"])
+    # A split that cannot run is refused before any data is read.
+    args = parser.parse_args(["--plan", "w2a4", "--progressive", "4,2", "--phase-epochs", "1,2,3"])
+    with pytest.raises(RtqError, match="--phase-epochs 1,2,3"):
+        cli.main(args)
 
 
 def test_rtq_bench_qat_writes_the_ablation_table(tmp_path: Path, data_root: Path, monkeypatch):

@@ -26,8 +26,8 @@ METHODS = {
 
 
 NOTE = (
-    "fake-quantized top-1 in PyTorch (weights per-channel symmetric, activations per-tensor asymmetric at "
-    "the plan's bits; stem and classifier 8-bit)"
+    "fake-quantized top-1 in PyTorch (weights per-channel, symmetric unless the precision ends in asym, "
+    "activations per-tensor asymmetric at the plan's bits; stem and classifier 8-bit)"
 )
 
 
@@ -91,6 +91,8 @@ def method_of(config: dict) -> str:
     if not widths:
         return "qat-kd" + mix
     prog = "progressive" if widths == [8, 4, 2] else f"progressive-{'-'.join(map(str, widths))}"
+    if config.get("phase_epochs"):
+        prog += f"-{'+'.join(map(str, config['phase_epochs']))}ep"
     return f"qat-kd-{prog}{mix}"
 
 
@@ -169,7 +171,7 @@ def main(args: argparse.Namespace, command: str) -> int:
     cells = [(p, m, preset_plan(p), replace(base, **METHODS[m])) for p, m in grid]
     for _, _, plan, cfg in cells:  # refuse a grid that cannot run before hours of training start
         if cfg.epochs:
-            progressive_phases(plan, cfg.progressive, cfg.epochs)
+            progressive_phases(plan, cfg.progressive, cfg.epochs, cfg.phase_epochs)
     rows = []
     fp32 = evaluate(loaded.module.to(args.device).eval(), data, args.device)
     for precision, method, plan, cfg in cells:

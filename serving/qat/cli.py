@@ -25,6 +25,16 @@ def _widths(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive epoch counts like 1,5, got {text!r}")
+    return counts
+
+
 def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from serving.qat.config import PRESETS, QatConfig
 
@@ -41,12 +51,30 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help=f"{' | '.join(PRESETS)} (first/last layers 8-bit) or a plan YAML (default: w4a4)",
     )
     sp.add_argument("--weights", default=None, help="teacher checkpoint (default: the zoo's)")
-    sp.add_argument("--epochs", type=int, default=d.epochs, help=f"0 = PTQ baseline (default: {d.epochs})")
+    sp.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"0 = PTQ baseline (default: {d.epochs}, or the sum of --phase-epochs)",
+    )
     sp.add_argument(
         "--progressive",
         type=_widths,
         default=d.progressive,
         help="bit widths to step down through before the plan's own, or none (default: 8,4,2)",
+    )
+    sp.add_argument(
+        "--phase-epochs",
+        type=_counts,
+        default=(),
+        help="epochs per progressive phase, e.g. 1,5 with --progressive 4,2: most epochs at the bits "
+        "that ship (default: an even split, the last phase taking the remainder)",
+    )
+    sp.add_argument(
+        "--asymmetric",
+        action="store_true",
+        help="a per-channel integer zero point on every weight grid under 8 bits, learned (plan name "
+        "gets 'asym'); at 2 bits a symmetric grid has one positive level (-2, -1, 0, 1)",
     )
     sp.add_argument("--no-kd", dest="kd", action="store_false", help="cross-entropy on labels, no teacher")
     sp.add_argument(
@@ -97,15 +125,21 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return sp
 
 
-def resolve_plan(text: str):
+def resolve_plan(text: str, asymmetric: bool = False):
+    from dataclasses import replace
+
     from serving.qat.config import PRESETS, preset_plan
     from serving.quantize.plan import load_plan
 
     if text in PRESETS:
-        return preset_plan(text)
-    if not text.endswith((".yaml", ".yml")) and not Path(text).exists():
+        plan = preset_plan(text)
+    elif not text.endswith((".yaml", ".yml")) and not Path(text).exists():
         raise RtqError(f"--plan {text!r} is neither a built-in plan ({', '.join(PRESETS)}) nor a YAML file")
-    return load_plan(text)
+    else:
+        plan = load_plan(text)
+    if asymmetric and plan.weights.symmetric:
+        plan = replace(plan, name=f"{plan.name}asym", weights=replace(plan.weights, symmetric=False))
+    return plan
 
 
 def open_qat_data(
@@ -158,10 +192,14 @@ def main(args: argparse.Namespace) -> int:
     command = "rtq " + " ".join(shlex.quote(a) for a in argv)
     check_device(args.device)
     torch.set_num_threads(max(1, args.threads))
-    plan = resolve_plan(args.plan)
+    plan = resolve_plan(args.plan, args.asymmetric)
+    epochs = args.epochs
+    if epochs is None:
+        epochs = sum(args.phase_epochs) if args.phase_epochs else QatConfig().epochs
     cfg = QatConfig(
-        epochs=args.epochs,
+        epochs=epochs,
         progressive=args.progressive,
+        phase_epochs=args.phase_epochs,
         kd=args.kd,
         temperature=args.temperature,
         lr=args.lr,
@@ -175,6 +213,10 @@ def main(args: argparse.Namespace) -> int:
         max_val_images=args.max_val_images,
         seed=args.seed,
     )
+    if cfg.epochs:  # a split that cannot run is refused before the data is decoded
+        from serving.qat.prepare import progressive_phases
+
+        progressive_phases(plan, cfg.progressive, cfg.epochs, cfg.phase_epochs)
     loaded = teacher(args.model, args.weights)
     cache_dir = args.cache_dir or PROJECT_ROOT / ".cache" / "train" / "data"
     data = open_qat_data(loaded, args.data, args.data_root, cache_dir, cfg.max_images, cfg.max_val_images)

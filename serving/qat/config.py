@@ -33,6 +33,7 @@ def preset_plan(name: str) -> PrecisionPlan:
 class QatConfig:
     epochs: int = 4
     progressive: tuple[int, ...] = (8, 4, 2)  # () trains at the plan's bits from the start
+    phase_epochs: tuple[int, ...] = ()  # epochs per progressive phase; () splits evenly
     kd: bool = True  # distil from the FP32 teacher (KL at temperature); else cross-entropy on labels
     temperature: float = 1.0
     lr: float = 5e-5  # weights and biases
@@ -55,6 +56,11 @@ class QatConfig:
     def __post_init__(self) -> None:
         if self.epochs < 0:
             raise RtqError(f"--epochs must be 0 or more, got {self.epochs}")
+        if self.phase_epochs and (min(self.phase_epochs) < 1 or sum(self.phase_epochs) != self.epochs):
+            raise RtqError(
+                f"--phase-epochs {','.join(map(str, self.phase_epochs))} must be positive and sum to "
+                f"--epochs {self.epochs}"
+            )
         if any(b not in (2, 3, 4, 6, 8) for b in self.progressive):
             raise RtqError(f"--progressive widths must be among 2, 3, 4, 6, 8; got {list(self.progressive)}")
         if not math.isfinite(self.mixup) or self.mixup < 0:

@@ -21,22 +21,29 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def _grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
-    # Same value, gradient times `scale` (LSQ: keeps step-size updates on the weights' footing).
-    return (x - x * scale).detach() + x * scale
+    # Gradient times `scale` (LSQ: keeps step-size updates on the weights' footing). The value is x
+    # to the bit (y - y is exactly 0), so training rounds w / s as the exported integers do.
+    y = x * scale
+    return x.detach() + (y - y.detach())
 
 
 class WeightFakeQuant(nn.Module):
-    """Per-output-channel symmetric weights on a learned grid: w_hat = clamp(round(w / s)) * s.
+    """Per-output-channel weights on a learned grid: w_hat = (clamp(round(w / s) + z) - z) * s.
 
-    Symmetric with zero point 0 and per-channel steps, exactly the grid the packed ONNX file stores,
-    so the integers trained here are the integers that ship.
+    Symmetric: z = 0 on the signed grid (2 bits: -2..1). Asymmetric: an integer zero point per
+    channel on the unsigned grid (0..3), learned through a rounded parameter, so a channel can put
+    its two-level side where its weights are (symmetric 2-bit has one positive level). Both are the
+    grids the packed ONNX file stores, so the integers trained here are the integers that ship.
     """
 
     def __init__(self, out_channels: int) -> None:
         super().__init__()
         self.bits = 8
+        self.symmetric = True
         self.enabled = True  # off during calibration: the ranges are those of the FP model
         self.log_step = nn.Parameter(torch.zeros(out_channels))
+        # Continuous; its rounding is the zero point (a straight-through estimator moves it).
+        self.zero_point = nn.Parameter(torch.zeros(out_channels))
         # Oscillation tracking, per weight (buffers so they follow the module across devices).
         self.register_buffer("prev_int", torch.zeros(0))
         self.register_buffer("prev_dir", torch.zeros(0))
@@ -46,24 +53,35 @@ class WeightFakeQuant(nn.Module):
         self.register_buffer("frozen_int", torch.zeros(0))
 
     @property
+    def spec(self) -> WeightQuant:
+        return WeightQuant(self.bits, per_channel=True, symmetric=self.symmetric, search_scale=False)
+
+    @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1))
+        return self.spec.qmin
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
+        return self.spec.qmax
 
     def step(self) -> torch.Tensor:
         # A log-parametrized step cannot go negative or to zero under a large update.
         return self.log_step.exp()
 
+    def zero_points(self) -> torch.Tensor:
+        """Integer zero points per channel (0 when symmetric), straight-through for their gradient."""
+        if self.symmetric:
+            return torch.zeros_like(self.zero_point)
+        return _round_ste(torch.clamp(self.zero_point, self.qmin, self.qmax))
+
     @torch.no_grad()
-    def reset(self, weight: torch.Tensor, bits: int) -> None:
+    def reset(self, weight: torch.Tensor, bits: int, symmetric: bool = True) -> None:
         """Start at `bits` from the MSE-optimal per-channel clipping of round-to-nearest (lowbit.py)."""
-        self.bits = bits
-        qw = quantize_weight(weight.detach().float().cpu().numpy(), WeightQuant(bits, True, True, True))
+        self.bits, self.symmetric = bits, symmetric
+        qw = quantize_weight(weight.detach().float().cpu().numpy(), WeightQuant(bits, True, symmetric, True))
         step = torch.as_tensor(qw.scale, dtype=torch.float32, device=weight.device).clamp_min(1e-12)
         self.log_step.copy_(step.log())
+        self.zero_point.copy_(torch.as_tensor(qw.zero_point.astype("float32"), device=weight.device))
         ints = self._ints(weight)
         self.prev_int = ints.clone()
         self.prev_dir = torch.zeros_like(ints)
@@ -76,8 +94,9 @@ class WeightFakeQuant(nn.Module):
         return (-1,) + (1,) * (weight.dim() - 1)
 
     def _ints(self, weight: torch.Tensor) -> torch.Tensor:
-        s = self.step().view(self._shape(weight))
-        return torch.clamp(torch.round(weight / s), self.qmin, self.qmax)
+        shape = self._shape(weight)
+        s, z = self.step().view(shape), self.zero_points().view(shape)
+        return torch.clamp(torch.round(weight / s) + z, self.qmin, self.qmax)
 
     @property
     def initialized(self) -> bool:
@@ -86,12 +105,17 @@ class WeightFakeQuant(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
+        shape = self._shape(weight)
         g = 1.0 / math.sqrt(weight[0].numel() * self.qmax)
-        s = _grad_scale(self.step(), g).view(self._shape(weight))
-        q = _round_ste(torch.clamp(weight / s, self.qmin, self.qmax))
+        s = _grad_scale(self.step(), g).view(shape)
+        z = _grad_scale(self.zero_points(), g).view(shape)
+        # Clipped to the grid around z, then rounded: the values of `_ints` (w / s + z first would
+        # round differently near half-steps), LSQ's gradients; z, an integer, learns only where it clips.
+        v = torch.maximum(torch.minimum(weight / s, self.qmax - z), self.qmin - z)
+        q = _round_ste(v) + z
         if self.frozen.numel() and bool(self.frozen.any()):
             q = torch.where(self.frozen, self.frozen_int, q)
-        return q * s
+        return (q - z) * s
 
     def integers(self, weight: torch.Tensor) -> torch.Tensor:
         """The integers the deployed file stores (frozen weights at their pinned value)."""

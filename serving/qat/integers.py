@@ -1,6 +1,7 @@
 """The integers QAT trained, in one .npz, and their way into the packed-file build.
 
 Per layer: `<name>/q` (int8 values on the layer's grid), `<name>/step` (per output channel),
+`<name>/zero_point` (asymmetric grids only: q counts from 0 then, lowbit.WeightQuant's convention),
 `<name>/bias` (float, folded batch norm included), `<name>/bits`, and the learned input grid
 (`<name>/input_offset`, `<name>/input_log_step`, `<name>/input_bits`). The build swaps the first four
 for the exported FP32 graph's weights and biases, so the served graph computes what QAT trained up to
@@ -41,6 +42,8 @@ def save_integers(
         arrays[f"{name}/q"] = qw.q.astype(np.int8)
         arrays[f"{name}/step"] = np.asarray(qw.scale, np.float32)
         arrays[f"{name}/bits"] = np.array(qw.spec.bits, np.int8)
+        if not qw.spec.symmetric:
+            arrays[f"{name}/zero_point"] = qw.zero_point.astype(np.int8)
         if bias is not None:
             arrays[f"{name}/bias"] = bias.astype(np.float32)
     for name, (offset, log_step, bits) in (input_grids or {}).items():
@@ -91,10 +94,15 @@ def load_qat_layers(model: onnx.ModelProto, plan: PrecisionPlan) -> list[Quantiz
         want = plan.bits_for(layer)
         if bits != want:
             raise RtqError(f"{path}: {layer.name} was trained at {bits} bits, plan {plan.name} says {want}")
-        spec = WeightQuant(bits, per_channel=True, symmetric=True, search_scale=False)
-        if q.min() < spec.qmin or q.max() > spec.qmax:
+        symmetric = "zero_point" not in got
+        if symmetric != plan.quant_for(layer).symmetric:
+            grid = "symmetric" if symmetric else "asymmetric"
+            raise RtqError(f"{path}: {layer.name} was trained on a {grid} grid, not plan {plan.name}'s")
+        spec = WeightQuant(bits, per_channel=True, symmetric=symmetric, search_scale=False)
+        zp = np.zeros_like(step, np.int8) if symmetric else got["zero_point"].astype(np.int8)
+        if q.min() < spec.qmin or q.max() > spec.qmax or zp.min() < spec.qmin or zp.max() > spec.qmax:
             raise RtqError(f"{path}: {layer.name} holds values outside the {bits}-bit range")
-        qw = QuantizedWeight(q.astype(np.int8), step.astype(np.float32), np.zeros_like(step, np.int8), spec)
+        qw = QuantizedWeight(q.astype(np.int8), step.astype(np.float32), zp, spec)
         bias = got.get("bias")
         if bias is None and layer.bias is not None:
             bias = initializer(model, layer.bias)
@@ -127,12 +135,15 @@ def load_student(loaded: LoadedModel, path: Path) -> nn.Module:
                     "(another model, or written before input grids were saved: rerun `rtq qat`)"
                 )
             w = q.inner.weight
+            shape = (-1,) + (1,) * (w.dim() - 1)
             step = torch.from_numpy(got["step"]).to(w)
-            w.copy_(torch.from_numpy(got["q"]).to(w) * step.view((-1,) + (1,) * (w.dim() - 1)))
+            zp = torch.from_numpy(got.get("zero_point", np.zeros(len(step), np.int8))).to(w)
+            w.copy_((torch.from_numpy(got["q"]).to(w) - zp.view(shape)) * step.view(shape))
             if q.inner.bias is not None and "bias" in got:
                 q.inner.bias.copy_(torch.from_numpy(got["bias"]))
-            q.weight_q.bits = int(got["bits"])
+            q.weight_q.bits, q.weight_q.symmetric = int(got["bits"]), "zero_point" not in got
             q.weight_q.log_step.copy_(step.log())
+            q.weight_q.zero_point.copy_(zp)
             a = q.input_q
             a.bits, a.initialized = int(got["input_bits"]), True
             a.offset.fill_(float(got["input_offset"]))

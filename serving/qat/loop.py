@@ -148,7 +148,7 @@ def run_qat(
     for p in student.parameters():
         p.requires_grad_(True)
     seen = calibrate(student, layers, _calibration_batches(data, cfg, size, device))
-    phases = progressive_phases(plan, cfg.progressive, cfg.epochs) if cfg.epochs else [
+    phases = progressive_phases(plan, cfg.progressive, cfg.epochs, cfg.phase_epochs) if cfg.epochs else [
         Phase(min(q.target_bits for q in layers), plan.act_bits, 0)
     ]  # fmt: skip
     log(
@@ -286,6 +286,8 @@ def export(
     )
     kd = "QAT+KD" if cfg.kd else "QAT"
     prog = "progressive " + "->".join(str(b) for b in cfg.progressive) if cfg.progressive else "direct"
+    if cfg.phase_epochs:
+        prog += f" ({'+'.join(map(str, cfg.phase_epochs))} epochs)"
     if cfg.mixup:
         prog += f", mixup {cfg.mixup:g}"
     deploy = {
@@ -296,7 +298,7 @@ def export(
             f"A{plan.act_bits}, fake-quantized top-1 {summary['qat_top1']:.4f} vs FP32 "
             f"{summary['fp32_top1']:.4f}; served with 8-bit activations (the integer kernels there are)"
         ),
-        "weights": {"bits": plan.weights.bits, "per_channel": True, "symmetric": True},
+        "weights": {"bits": plan.weights.bits, "per_channel": True, "symmetric": plan.weights.symmetric},
         "activations": {"bits": 8},
         "components": {k: {"bits": v} for k, v in plan.components.items()},
         "layers": {k: {"bits": v} for k, v in plan.layers.items()},

@@ -1,8 +1,9 @@
 """Wrap a BN-folded model's convolutions and classifier in LSQ fake quantizers, per a precision plan.
 
 Each wrapped layer quantizes its input (per tensor, asymmetric) and its weight (per output
-channel, symmetric) like the deployed QDQ graph does; the plan's per-component and per-layer bits
-apply with the layer names and component types of `serving.quantize.graph`.
+channel; symmetric unless the plan says otherwise below 8 bits) like the deployed QDQ graph does;
+the plan's per-component and per-layer bits apply with the layer names and component types of
+`serving.quantize.graph`.
 """
 
 from __future__ import annotations
@@ -25,12 +26,20 @@ from serving.quantize.plan import PrecisionPlan
 class QuantLayer(nn.Module):
     """A Conv2d (timm's Conv2dSame included) or Linear computing with fake-quantized input and weight."""
 
-    def __init__(self, inner: nn.Conv2d | nn.Linear, name: str, component: str, target_bits: int) -> None:
+    def __init__(
+        self,
+        inner: nn.Conv2d | nn.Linear,
+        name: str,
+        component: str,
+        target_bits: int,
+        symmetric: bool = True,
+    ) -> None:
         super().__init__()
         self.inner = inner
         self.name = name
         self.component = component
         self.target_bits = target_bits
+        self.symmetric = symmetric  # below 8 bits; 8-bit grids are always symmetric (int8 storage)
         self.weight_q = WeightFakeQuant(inner.weight.shape[0])
         self.input_q = ActFakeQuant()
 
@@ -55,8 +64,8 @@ class QuantLayer(nn.Module):
         w = self.inner.weight
         q = self.weight_q.integers(w).cpu().numpy().astype(np.int8)
         step = self.weight_q.step().detach().float().cpu().numpy().astype(np.float32)
-        spec = WeightQuant(self.weight_q.bits, per_channel=True, symmetric=True, search_scale=False)
-        qw = QuantizedWeight(q, step, np.zeros_like(step, dtype=np.int8), spec)
+        zp = self.weight_q.zero_points().detach().cpu().numpy().astype(np.int8)
+        qw = QuantizedWeight(q, step, zp, self.weight_q.spec)
         bias = self.inner.bias.detach().float().cpu().numpy() if self.inner.bias is not None else None
         return qw, bias
 
@@ -77,16 +86,15 @@ def _layer_info(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return out
 
 
-def _plan_bits(plan: PrecisionPlan, name: str, component: str) -> int:
-    return plan.bits_for(Layer(name, "Conv", f"{name}.weight", None, "", component, (1,)))
+def _plan_quant(plan: PrecisionPlan, name: str, component: str) -> WeightQuant:
+    return plan.quant_for(Layer(name, "Conv", f"{name}.weight", None, "", component, (1,)))
 
 
 def prepare(model: nn.Module, plan: PrecisionPlan) -> list[QuantLayer]:
     """Replace every Conv2d/Linear in place by a QuantLayer; return them in module order."""
-    if not plan.weights.per_channel or not plan.weights.symmetric:
+    if not plan.weights.per_channel:
         raise RtqError(
-            f"plan {plan.name}: QAT trains per-channel symmetric weights (what packing stores); "
-            "set weights.per_channel and weights.symmetric to true"
+            f"plan {plan.name}: QAT trains per-channel weights (what packing stores); set weights.per_channel"
         )
     info = _layer_info(model)
     known = {n for n, _, _ in info}
@@ -97,7 +105,8 @@ def prepare(model: nn.Module, plan: PrecisionPlan) -> list[QuantLayer]:
         )
     wrapped = []
     for name, m, component in info:
-        q = QuantLayer(m, name, component, _plan_bits(plan, name, component))
+        spec = _plan_quant(plan, name, component)
+        q = QuantLayer(m, name, component, spec.bits, plan.weights.symmetric)
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, q)
@@ -114,23 +123,31 @@ class Phase:
     epochs: int
 
 
-def progressive_phases(plan: PrecisionPlan, schedule: Iterable[int], epochs: int) -> list[Phase]:
+def progressive_phases(
+    plan: PrecisionPlan, schedule: Iterable[int], epochs: int, split: tuple[int, ...] = ()
+) -> list[Phase]:
     """Split `epochs` over the schedule's bit widths (e.g. 8, 4, 2), dropping widths under the plan's.
 
-    The last phase (the plan's own bits) gets the remainder: it is the one that ships.
+    Evenly, the last phase (the plan's own bits: the one that ships) taking the remainder, or as
+    `split` says (epochs per phase, summing to `epochs`).
     """
     lowest = min(plan.weights.bits, *plan.components.values(), *plan.layers.values())
     widths = sorted({b for b in schedule if b > lowest}, reverse=True) + [lowest]
-    if epochs < len(widths):
-        raise RtqError(f"{epochs} epochs cannot cover {len(widths)} progressive phases {widths}")
-    base, extra = divmod(epochs, len(widths))
-    phases = []
-    for i, bits in enumerate(widths):
-        last = i == len(widths) - 1
-        # Activations come down with the weights: 8 bits while weights are above 4, then the plan's.
-        act = max(plan.act_bits, 8 if bits > 4 else 4)
-        phases.append(Phase(bits, act, base + (extra if last else 0)))
-    return phases
+    if split:
+        if len(split) != len(widths) or sum(split) != epochs or min(split) < 1:
+            raise RtqError(
+                f"--phase-epochs {','.join(map(str, split))} must give each of the {len(widths)} phases "
+                f"{widths} at least one epoch and sum to --epochs {epochs}"
+            )
+        counts = list(split)
+    else:
+        if epochs < len(widths):
+            raise RtqError(f"{epochs} epochs cannot cover {len(widths)} progressive phases {widths}")
+        base, extra = divmod(epochs, len(widths))
+        counts = [base] * (len(widths) - 1) + [base + extra]
+    # Activations come down with the weights: 8 bits while weights are above 4, then the plan's.
+    acts = [max(plan.act_bits, 8 if bits > 4 else 4) for bits in widths]
+    return [Phase(b, a, n) for b, a, n in zip(widths, acts, counts, strict=True)]
 
 
 def set_bits(layers: list[QuantLayer], weight_floor: int, act_bits: int) -> None:
@@ -142,8 +159,9 @@ def set_bits(layers: list[QuantLayer], weight_floor: int, act_bits: int) -> None
     """
     for q in layers:
         bits = max(q.target_bits, weight_floor)
-        if bits != q.weight_q.bits or not q.weight_q.initialized:
-            q.weight_q.reset(q.inner.weight, bits)
+        symmetric = q.symmetric or bits == 8
+        if bits != q.weight_q.bits or symmetric != q.weight_q.symmetric or not q.weight_q.initialized:
+            q.weight_q.reset(q.inner.weight, bits, symmetric)
         q.input_q.set_bits(8 if q.is_first else act_bits)
 
 
