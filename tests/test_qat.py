@@ -386,3 +386,79 @@ def test_rtq_bench_qat_writes_the_ablation_table(tmp_path: Path, data_root: Path
     (tmp_path / "broken" / "log.json").write_text("{}")
     with pytest.raises(RtqError, match="not an `rtq qat` log"):
         ablation.main(parser.parse_args(["--collect", str(tmp_path / "broken")]), "pytest")
+
+
+def test_an_interrupted_qat_run_resumes_to_the_same_integers(tmp_path: Path):
+    """Stopped after epoch 2 of 3 (inside the 4-bit phase), resumed from last.pt: the same student,
+    integers and history as the run that was never stopped; the checkpoint is gone once done."""
+    from serving.qat.integers import read_integers
+    from serving.qat.loop import CHECKPOINT, read_checkpoint
+
+    loaded = _teacher()
+    cfg = QatConfig(
+        epochs=3, progressive=(8, 4), batch_size=16, calibration_images=16, image_size=RES, mixup=0.4
+    )
+    plan = preset_plan("w4a8")
+    whole = run_qat(loaded, plan, _data(), cfg, tmp_path / "whole", workers=0, log=lambda m: None)
+    assert not (tmp_path / "whole" / CHECKPOINT).exists()
+
+    def stop_after_epoch_2(msg: str) -> None:
+        if msg.startswith("epoch 2/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_qat(
+            loaded, plan, _data(), cfg, tmp_path / "cut", workers=0, log=stop_after_epoch_2, command="first"
+        )
+    ckpt = read_checkpoint(tmp_path / "cut")
+    assert ckpt["epoch"] == 2 and [h["weight_bits"] for h in ckpt["history"]] == [8, 4]
+    ckpt["resumed_with"] = ["second"]
+    again = run_qat(loaded, plan, _data(), cfg, tmp_path / "cut", workers=0, log=lambda m: None,
+                    command="first", resume=ckpt)  # fmt: skip
+    assert not (tmp_path / "cut" / CHECKPOINT).exists()
+    assert [h["val_top1"] for h in again.history] == [h["val_top1"] for h in whole.history]
+    assert again.summary["qat_top1"] == whole.summary["qat_top1"]
+    assert again.summary["resumed_with"] == ["second"]
+    a, _ = read_integers(whole.integers_path)
+    b, _ = read_integers(again.integers_path)
+    assert a.keys() == b.keys()
+    for name in a:
+        for field in a[name]:
+            np.testing.assert_array_equal(a[name][field], b[name][field], err_msg=f"{name}/{field}")
+
+
+def test_rtq_qat_resume_refuses_what_would_not_continue_the_run(tmp_path: Path):
+    from serving.qat import cli
+    from serving.qat.loop import CHECKPOINT, CHECKPOINT_FORMAT, save_checkpoint
+
+    parser = cli.add_arguments(argparse.ArgumentParser())
+    out = tmp_path / "run"
+    with pytest.raises(RtqError, match="no QAT checkpoint"):
+        cli._resumed(parser.parse_args(["--out", str(out), "--resume"]), "rtq qat --resume")
+    cfg = QatConfig(epochs=6, progressive=(4, 2), phase_epochs=(1, 5))
+    from dataclasses import asdict
+
+    save_checkpoint(out / CHECKPOINT, {
+        "format": CHECKPOINT_FORMAT, "model": "efficientnetv2_b0_imagenette", "weights_sha256": "x",
+        "plan": cli.resolve_plan("w2a4", asymmetric=True).to_dict(), "config": asdict(cfg), "command": "c",
+    })  # fmt: skip
+    ckpt, plan, got, where = cli._resumed(parser.parse_args(["--resume", str(out)]), "rtq qat --resume")
+    assert got == cfg and plan.name == "w2a4asym" and not plan.weights.symmetric and where == out
+    assert ckpt["resumed_with"] == ["rtq qat --resume"]
+    # The same values again are fine; other values are refused, each named.
+    cli._resumed(
+        parser.parse_args(["--resume", str(out), "--epochs", "6", "--plan", "w2a4", "--asymmetric"]), "r"
+    )
+    with pytest.raises(RtqError, match=r"--lr 0.001 \(checkpoint: 5e-05\).*--plan w4a4asym"):
+        cli._resumed(parser.parse_args(["--resume", str(out), "--lr", "1e-3", "--asymmetric"]), "r")
+    with pytest.raises(RtqError, match="not the folder of checkpoint"):
+        cli._resumed(parser.parse_args(["--resume", str(out), "--out", str(tmp_path)]), "r")
+    (tmp_path / "train.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RtqError, match="cannot read QAT checkpoint"):
+        cli._resumed(parser.parse_args(["--resume", str(tmp_path / "train.pt")]), "r")
+    torch.save({"format": "rtq-train/1"}, tmp_path / "train.pt")
+    with pytest.raises(RtqError, match="not an `rtq qat` checkpoint"):
+        cli._resumed(parser.parse_args(["--resume", str(tmp_path / "train.pt")]), "r")
+    # A new run into a folder with an unfinished one is refused before anything is loaded.
+    with pytest.raises(RtqError, match="holds an unfinished run"):
+        cli.main(parser.parse_args(["--out", str(out), "--plan", "w2a4"]))

@@ -115,6 +115,15 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     sp.add_argument("--out", type=Path, default=None, help="default: .cache/qat/<model>-<plan>")
     sp.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue an interrupted run after its last finished epoch, with its own plan and settings "
+        "(default checkpoint: <out>/last.pt)",
+    )
+    sp.add_argument(
         "--cache-dir", type=Path, default=None, help="decoded-image cache (default: .cache/train/data)"
     )
     sp.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
@@ -179,11 +188,68 @@ def teacher(model: str, weights: str | None):
     return loaded
 
 
+def default_out(model: str, plan_name: str) -> Path:
+    return PROJECT_ROOT / ".cache" / "qat" / f"{model}-{plan_name}"
+
+
+# flag -> QatConfig field, for the flags that change what is trained (refused with --resume when
+# given with another value than the checkpoint's: a resumed run continues the run it came from).
+_CONFIG_FLAGS = (
+    "epochs", "progressive", "phase_epochs", "kd", "temperature", "lr", "step_lr", "batch_size", "mixup",
+    "image_size", "freeze_threshold", "calibration_images", "max_images", "max_val_images", "seed",
+)  # fmt: skip
+
+
+def _resumed(args: argparse.Namespace, command: str):
+    """(checkpoint, plan, config, out) of the run --resume continues; flags that contradict it refused."""
+    from dataclasses import fields
+
+    from serving.qat.config import QatConfig
+    from serving.qat.loop import CHECKPOINT, read_checkpoint
+    from serving.quantize.plan import parse_plan
+
+    if args.resume == "last":
+        out = args.out or default_out(args.model, resolve_plan(args.plan, args.asymmetric).name)
+        ckpt = read_checkpoint(out / CHECKPOINT)
+    else:
+        given = Path(args.resume)
+        ckpt = read_checkpoint(given)
+        out = given if given.is_dir() else given.parent
+        if args.out is not None and args.out.resolve() != out.resolve():
+            raise RtqError(f"--out {args.out} is not the folder of checkpoint {args.resume}; drop --out")
+    saved = dict(ckpt["config"])
+    for f in fields(QatConfig):
+        if isinstance(saved.get(f.name), list):
+            saved[f.name] = tuple(saved[f.name])
+    cfg = QatConfig(**saved)
+    plan = parse_plan(ckpt["plan"], f"checkpoint {out / CHECKPOINT}")
+    defaults = QatConfig()
+    clashes = []
+    for name in _CONFIG_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None and value != getattr(defaults, name) and value != getattr(cfg, name):
+            clashes.append(f"--{name.replace('_', '-')} {value} (checkpoint: {getattr(cfg, name)})")
+    if args.model not in (DEFAULT_MODEL, ckpt["model"]):
+        clashes.append(f"model {args.model} (checkpoint: {ckpt['model']})")
+    if args.plan != "w4a4" or args.asymmetric:
+        asked = resolve_plan(args.plan, args.asymmetric).name
+        if asked != plan.name:
+            clashes.append(f"--plan {asked} (checkpoint: {plan.name})")
+    if clashes:
+        raise RtqError(
+            "--resume continues the checkpoint's own run, but these differ: "
+            + "; ".join(clashes)
+            + " (drop them, or start a new run with another --out)"
+        )
+    ckpt["resumed_with"] = [*ckpt.get("resumed_with", []), command]
+    return ckpt, plan, cfg, out
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
     from serving.qat.config import QatConfig
-    from serving.qat.loop import run_qat
+    from serving.qat.loop import CHECKPOINT
     from serving.train.loop import check_device
 
     argv = sys.argv[1:]
@@ -192,6 +258,18 @@ def main(args: argparse.Namespace) -> int:
     command = "rtq " + " ".join(shlex.quote(a) for a in argv)
     check_device(args.device)
     torch.set_num_threads(max(1, args.threads))
+    resume = None
+    if args.resume is not None:
+        resume, plan, cfg, out = _resumed(args, command)
+        loaded = teacher(resume["model"], args.weights)
+        if loaded.weights_sha256 != resume["weights_sha256"]:
+            raise RtqError(
+                f"the teacher's weights are not those {out / CHECKPOINT} was trained from "
+                f"(sha256 {str(loaded.weights_sha256)[:12]} vs {str(resume['weights_sha256'])[:12]}); "
+                "pass the run's --weights"
+            )
+        command = resume["command"]  # what reproduces the run; the resume is listed beside it
+        return _run(args, loaded, plan, cfg, out, command, resume)
     plan = resolve_plan(args.plan, args.asymmetric)
     epochs = args.epochs
     if epochs is None:
@@ -217,14 +295,30 @@ def main(args: argparse.Namespace) -> int:
         from serving.qat.prepare import progressive_phases
 
         progressive_phases(plan, cfg.progressive, cfg.epochs, cfg.phase_epochs)
+    out = args.out or default_out(args.model, plan.name)
+    if (out / CHECKPOINT).exists():
+        raise RtqError(
+            f"{out} holds an unfinished run ({CHECKPOINT}); pass --resume to continue it, or another --out"
+        )
     loaded = teacher(args.model, args.weights)
+    return _run(args, loaded, plan, cfg, out, command, None)
+
+
+def _run(args: argparse.Namespace, loaded, plan, cfg, out: Path, command: str, resume: dict | None) -> int:
+    from serving.qat.loop import CHECKPOINT, run_qat
+
     cache_dir = args.cache_dir or PROJECT_ROOT / ".cache" / "train" / "data"
     data = open_qat_data(loaded, args.data, args.data_root, cache_dir, cfg.max_images, cfg.max_val_images)
-    out = args.out or PROJECT_ROOT / ".cache" / "qat" / f"{args.model}-{plan.name}"
-    result = run_qat(
-        loaded, plan, data, cfg, out, device=args.device, workers=args.workers, command=command,
-        progress=not args.quiet and sys.stderr.isatty(),
-        log=lambda msg: print(msg, flush=True),
-    )  # fmt: skip
+    try:
+        result = run_qat(
+            loaded, plan, data, cfg, out, device=args.device, workers=args.workers, command=command,
+            progress=not args.quiet and sys.stderr.isatty(), log=lambda msg: print(msg, flush=True),
+            resume=resume,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        if (out / CHECKPOINT).exists():
+            again = f"rtq qat --resume {out / CHECKPOINT}"
+            print(f"rtq: interrupted; `{again}` continues after the last finished epoch", file=sys.stderr)
+        raise
     print(f"plan for rtq build / rtq bench lowbit: {result.plan_path}")
     return 0

@@ -43,6 +43,8 @@ from serving.train.loop import normalize_batch
 
 Log = Callable[[str], None]
 EVAL_BATCH = 100
+CHECKPOINT_FORMAT = "rtq-qat/1"
+CHECKPOINT = "last.pt"  # in the run's --out folder, rewritten after every epoch, removed when done
 
 @dataclass
 class QatData:
@@ -131,11 +133,13 @@ def run_qat(
     log: Log = print,
     progress: bool = False,
     fp32: dict | None = None,
+    resume: dict | None = None,
 ) -> QatResult:
     """Train, export the integers and a build plan (`method: qat`) into `out`; return what was written.
 
     `fp32`: the teacher's `evaluate` result on `data` when the caller has it (an ablation grid
-    evaluates the teacher once, not once per cell)."""
+    evaluates the teacher once, not once per cell). `resume`: a checkpoint `read_checkpoint` gave;
+    training goes on after its last finished epoch, as the uninterrupted run would have."""
     torch.manual_seed(cfg.seed)
     size = cfg.image_size or loaded.spec.preprocessing.resolution
     teacher = loaded.module.to(device).eval()
@@ -157,16 +161,28 @@ def run_qat(
         + ", ".join(f"W{p.weight_bits}A{p.act_bits} x{p.epochs}" for p in phases)
     )
     t_start = time.perf_counter()
+    if resume is not None:
+        fp32 = resume["fp32"]  # the same images: no second teacher pass
     fp32 = fp32 or evaluate(teacher, data, device)
     log(f"teacher FP32 top-1 {fp32['top1']:.4f} on {fp32['images']} val images")
     history: list[dict] = []
     epoch = 0
     mix_rng = np.random.default_rng(cfg.seed)
+    elapsed_before = 0.0
+    resumed_with: list[str] = list(resume.get("resumed_with", [])) if resume is not None else []
+    if resume is not None:
+        history, epoch = list(resume["history"]), int(resume["epoch"])
+        mix_rng.bit_generator.state = resume["mix_rng"]
+        elapsed_before = float(resume["elapsed_s"])
+        log(f"resuming after epoch {epoch}/{cfg.epochs}")
+    # Where each phase starts, in epochs: a resumed run skips the phases it finished.
+    starts = np.cumsum([0] + [p.epochs for p in phases])
     val = None  # the student's last evaluation, while its bits have not changed since
-    for phase in phases:
+    for pi, phase in enumerate(phases):
         set_bits(layers, phase.weight_bits, phase.act_bits)
         val = None
-        if phase.epochs == 0:
+        done_here = max(0, min(epoch - int(starts[pi]), phase.epochs))
+        if phase.epochs == 0 or done_here == phase.epochs:
             continue
         quant_params = [p for n, p in student.named_parameters() if ".weight_q." in n or ".input_q." in n]
         ids = {id(p) for p in quant_params}
@@ -179,8 +195,12 @@ def run_qat(
         steps_per_epoch = max(1, len(data.train_labels) // cfg.batch_size)
         total = steps_per_epoch * phase.epochs
         freeze_from = int(cfg.freeze_after * total) if phase.weight_bits < 8 else total + 1
-        step = 0
-        for _ in range(phase.epochs):
+        step = done_here * steps_per_epoch
+        if resume is not None and done_here:
+            # After set_bits gave every buffer its shape at these bits: the trained values replace them.
+            student.load_state_dict(resume["student"])
+            opt.load_state_dict(resume["optimizer"])  # `base` was read before: the schedule's peak rates
+        for _ in range(phase.epochs - done_here):
             t0 = time.perf_counter()
             loss_sum, n_seen, frozen = 0.0, 0, 0
             loader = _batches(data, cfg, size, epoch, workers)
@@ -227,6 +247,15 @@ def run_qat(
                 "images_per_second": round(n_seen / max(1e-9, time.perf_counter() - t0), 1),
             }
             history.append(record)
+            if epoch < cfg.epochs:  # saved before it is announced: a Ctrl-C after the line keeps it
+                save_checkpoint(out / CHECKPOINT, {
+                    "format": CHECKPOINT_FORMAT, "model": loaded.spec.name,
+                    "weights_sha256": loaded.weights_sha256, "plan": plan.to_dict(), "config": asdict(cfg),
+                    "command": command, "epoch": epoch, "history": history, "fp32": fp32,
+                    "mix_rng": mix_rng.bit_generator.state, "student": student.state_dict(),
+                    "optimizer": opt.state_dict(), "resumed_with": resumed_with,
+                    "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                })  # fmt: skip
             log(
                 f"epoch {epoch}/{cfg.epochs} {tag}: loss {record['loss']:.4f} "
                 f"val top-1 {val['top1']:.4f} (FP32 {fp32['top1']:.4f}), {frozen} weights frozen, "
@@ -243,15 +272,46 @@ def run_qat(
         "weight_bits": {q.name: q.weight_q.bits for q in layers},
         "act_bits": plan.act_bits,
         "frozen_weights": sum(int(q.weight_q.frozen.sum()) for q in layers if q.weight_q.frozen.numel()),
-        "wall_s": round(time.perf_counter() - t_start, 1),
+        "wall_s": round(elapsed_before + time.perf_counter() - t_start, 1),
     }
     log(
         f"done: {plan.name} fake-quantized top-1 {final['top1']:.4f} vs FP32 {fp32['top1']:.4f} "
         f"({summary['delta_pp']:+.2f} pp) in {summary['wall_s'] / 60:.1f} min"
     )
+    if resumed_with:
+        summary["resumed_with"] = resumed_with
     result = export(loaded, plan, layers, cfg, data, summary, history, out, command, device)
+    (out / CHECKPOINT).unlink(missing_ok=True)  # finished: nothing left to resume
     result.student = student
     return result
+
+
+def save_checkpoint(path: Path, ckpt: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous epoch's checkpoint whole
+
+
+def read_checkpoint(path: Path) -> dict:
+    """An `rtq qat` checkpoint (its --out folder's last.pt, or the folder itself)."""
+    from serving.errors import RtqError
+
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise RtqError(
+            f"no QAT checkpoint at {path}: `rtq qat` writes {CHECKPOINT} into its --out folder after each "
+            "epoch and removes it when the run finishes"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many unrelated types for a bad file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RtqError(f"cannot read QAT checkpoint {path}: {first[:160]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise RtqError(f"{path} is not an `rtq qat` checkpoint (`rtq train --resume` takes rtq train's)")
+    return ckpt
 
 
 def export(
