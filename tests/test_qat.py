@@ -321,7 +321,7 @@ def test_rtq_qat_refuses_data_of_another_label_space(tmp_path: Path, data_root: 
         cli.main(args)
 
 
-def test_rtq_bench_qat_writes_the_ablation_table(tmp_path: Path, data_root: Path, monkeypatch):
+def test_rtq_bench_qat_writes_the_ablation_table(tmp_path: Path, data_root: Path, monkeypatch, capsys):
     """PTQ and progressive QAT+KD side by side on a real imagenette subset (64 px teacher)."""
     if not (data_root / "imagenette" / "train").is_dir():
         pytest.skip(f"no imagenette at {data_root}")
@@ -350,11 +350,30 @@ def test_rtq_bench_qat_writes_the_ablation_table(tmp_path: Path, data_root: Path
     assert "| w4a8 |" in md and "ptq" in md
     lost = round((rows[1]["top1"] - rows[1]["top1_fp32"]) * 10)  # Δ as a count of the 10 val images
     assert f"| {rows[1]['delta_pts']:+.2f} | {lost:+d} |" in md
+    # The same grid again: both cells reused from their folders, nothing trained.
+    assert ablation.main(args, "pytest again") == 0
+    assert "finished earlier with these settings" in capsys.readouterr().out
+    newest = max(tmp_path.glob("qat-ablation-*.json"), key=lambda f: f.stat().st_mtime_ns)
+    assert [r["top1"] for r in json.loads(newest.read_text())["rows"]] == [r["top1"] for r in rows]
+    # At W8A8 progressive has nothing above the plan's bits: the direct cell's run stands for it.
+    w8 = parser.parse_args(
+        ["--precisions", "w8a8", "--methods", "qat-kd,qat-kd-progressive", "--epochs", "1",
+         "--max-images", "20", "--max-val-images", "10", "--batch-size", "8", "--data-root", str(data_root),
+         "--out", str(tmp_path), "--threads", "1", "-q"]
+    )  # fmt: skip
+    assert ablation.main(w8, "pytest w8") == 0
+    assert "the same phases as qat-kd, not trained twice" in capsys.readouterr().out
+    newest = max(tmp_path.glob("qat-ablation-*.json"), key=lambda f: f.stat().st_mtime_ns)
+    direct, progressive = json.loads(newest.read_text())["rows"]
+    assert progressive["same_as"] == "qat-kd" and progressive["top1"] == direct["top1"]
+    assert "qat-kd-progressive (= qat-kd)" in newest.with_suffix(".md").read_text()
+    cells_dir = tmp_path / ".cache" / "qat" / "ablation"
+    assert not (cells_dir / "efficientnetv2_b0_imagenette-w8a8-qat-kd-progressive").exists()
     args.epochs = 1  # progressive 8 -> 4 needs two epochs: refused before any training
     with pytest.raises(RtqError, match="cannot cover"):
         ablation.main(args, "pytest")
     # --collect tabulates finished runs (here the grid's own cells) without training anything.
-    cells = sorted((tmp_path / ".cache" / "qat" / "ablation").iterdir())
+    cells = sorted(cells_dir.glob("*-w4a8-*"))
     out = tmp_path / "collected"
     collected = parser.parse_args(["--collect", *map(str, cells), "--out", str(out)])
     assert ablation.main(collected, "pytest collect") == 0

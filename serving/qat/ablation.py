@@ -59,6 +59,20 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument("--epochs", type=int, default=d.epochs, help=f"per trained cell (default: {d.epochs})")
     sp.add_argument("--batch-size", type=int, default=d.batch_size)
+    sp.add_argument(
+        "--image-size", type=int, default=None, help="training crops (default: serving resolution)"
+    )
+    sp.add_argument("--mixup", type=float, default=d.mixup, help="Beta alpha of mixup, 0 = off (default: 0)")
+    sp.add_argument(
+        "--no-freeze", dest="freeze_threshold", action="store_const", const=None, default=d.freeze_threshold,
+        help="never pin oscillating weights",
+    )  # fmt: skip
+    sp.add_argument(
+        "--rerun",
+        action="store_true",
+        help="train every cell again (default: a cell finished with the same settings and teacher is "
+        "reused, an interrupted one resumed from its last.pt)",
+    )
     sp.add_argument("--max-images", type=int, default=None, help="class-balanced train subset")
     sp.add_argument("--max-val-images", type=int, default=None, help="class-balanced val subset")
     sp.add_argument("--data", default="imagenette")
@@ -133,6 +147,37 @@ def collect(dirs: list[Path]) -> list[dict]:
     return sorted(rows, key=lambda r: (rank(r["precision"], PRESETS), rank(r["method"], METHODS)))
 
 
+def _same_config(saved: dict, cfg) -> bool:
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(saved)) == json.loads(json.dumps(asdict(cfg)))
+
+
+def finished_cell(out: Path, cfg, plan_name: str, teacher_sha256: str | None) -> tuple[dict, list] | None:
+    """(summary, history) of a finished run in `out` with these settings, plan and teacher, else None."""
+    try:
+        run = json.loads((out / "log.json").read_text())
+        s = run["summary"]
+        same = _same_config(run["config"], cfg) and s["plan"] == plan_name
+        return (s, run["history"]) if same and s.get("teacher_sha256") == teacher_sha256 else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def resumable_cell(out: Path, cfg, plan_name: str, teacher_sha256: str | None) -> dict | None:
+    """The checkpoint of an interrupted run in `out` with these settings, plan and teacher, else None."""
+    from serving.qat.loop import CHECKPOINT, read_checkpoint
+
+    if not (out / CHECKPOINT).is_file():
+        return None
+    try:
+        ckpt = read_checkpoint(out)
+    except RtqError:
+        return None
+    same = _same_config(ckpt["config"], cfg) and ckpt["plan"]["name"] == plan_name
+    return ckpt if same and ckpt["weights_sha256"] == teacher_sha256 else None
+
+
 def main(args: argparse.Namespace, command: str) -> int:
     import torch
 
@@ -166,27 +211,54 @@ def main(args: argparse.Namespace, command: str) -> int:
     loaded = teacher(args.model, args.weights)
     cache = PROJECT_ROOT / ".cache" / "train" / "data"
     data = open_qat_data(loaded, args.data, args.data_root, cache, args.max_images, args.max_val_images)
-    base = QatConfig(epochs=args.epochs, batch_size=args.batch_size, max_images=args.max_images)
+    base = QatConfig(
+        epochs=args.epochs, batch_size=args.batch_size, max_images=args.max_images,
+        max_val_images=args.max_val_images, image_size=args.image_size, mixup=args.mixup,
+        freeze_threshold=args.freeze_threshold,
+    )  # fmt: skip
     grid = [(p, m) for p in args.precisions for m in args.methods]
     cells = [(p, m, preset_plan(p), replace(base, **METHODS[m])) for p, m in grid]
-    for _, _, plan, cfg in cells:  # refuse a grid that cannot run before hours of training start
+    phases = {}
+    for p, m, plan, cfg in cells:  # refuse a grid that cannot run before hours of training start
         if cfg.epochs:
-            progressive_phases(plan, cfg.progressive, cfg.epochs, cfg.phase_epochs)
+            phases[p, m] = progressive_phases(plan, cfg.progressive, cfg.epochs, cfg.phase_epochs)
     rows = []
     fp32 = evaluate(loaded.module.to(args.device).eval(), data, args.device)
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
     for precision, method, plan, cfg in cells:
-        out = PROJECT_ROOT / ".cache" / "qat" / "ablation" / f"{args.model}-{precision}-{method}"
-        print(f"== {precision} {method}", flush=True)
-        res = run_qat(
-            loaded, plan, data, cfg, out, device=args.device, workers=args.workers, command=command,
-            log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)), fp32=fp32,
+        # Progressive with nothing above the plan's bits (W8A8) trains exactly what direct QAT+KD does.
+        mine = phases.get((precision, method))
+        twin = next(
+            (r for r in rows if r["precision"] == precision and r["kd"] == cfg.kd and r["epochs"]
+             and phases.get((precision, r["method"])) == mine),
+            None,
         )  # fmt: skip
-        s = res.summary
+        if twin is not None and cfg.epochs:
+            print(
+                f"== {precision} {method}: the same phases as {twin['method']}, not trained twice", flush=True
+            )
+            rows.append(twin | {"method": method, "same_as": twin["method"]})
+            continue
+        out = PROJECT_ROOT / ".cache" / "qat" / "ablation" / f"{args.model}-{precision}-{method}"
+        finished = None if args.rerun else finished_cell(out, cfg, plan.name, loaded.weights_sha256)
+        if finished is not None:
+            print(
+                f"== {precision} {method}: finished earlier with these settings ({out}), reused", flush=True
+            )
+            s, history = finished
+        else:
+            resume = None if args.rerun else resumable_cell(out, cfg, plan.name, loaded.weights_sha256)
+            print(f"== {precision} {method}" + (" (resumed)" if resume else ""), flush=True)
+            res = run_qat(
+                loaded, plan, data, cfg, out, device=args.device, workers=args.workers, command=command,
+                log=log, fp32=fp32, resume=resume,
+            )  # fmt: skip
+            s, history = res.summary, res.history
         rows.append({
             "precision": precision, "method": method, "epochs": cfg.epochs, "kd": cfg.kd,
-            "progressive": list(cfg.progressive), "top1": s["qat_top1"], "top1_fp32": s["fp32_top1"],
-            "delta_pts": s["delta_pp"], "frozen_weights": s["frozen_weights"], "wall_s": s["wall_s"],
-            "val_images": s["val_images"], "history": res.history,
+            "progressive": list(cfg.progressive), "image_size": cfg.image_size, "top1": s["qat_top1"],
+            "top1_fp32": s["fp32_top1"], "delta_pts": s["delta_pp"], "frozen_weights": s["frozen_weights"],
+            "wall_s": s["wall_s"], "val_images": s["val_images"], "history": history,
         })  # fmt: skip
     now = dt.datetime.now(dt.UTC)
     payload = {
@@ -231,8 +303,9 @@ def markdown(payload: dict) -> str:
     for r in rows:
         # Δ in images: a rounded Δ pts can read as on a target the count is one image short of.
         images = round((r["top1"] - r["top1_fp32"]) * r["val_images"])
+        method = f"{r['method']} (= {r['same_as']})" if r.get("same_as") else r["method"]
         lines.append(
-            f"| {r['precision']} | {r['method']} | {r['epochs']} | {r.get('image_size') or 'serving'} | "
+            f"| {r['precision']} | {method} | {r['epochs']} | {r.get('image_size') or 'serving'} | "
             f"{100 * r['top1']:.2f} | {r['delta_pts']:+.2f} | {images:+d} | {r['frozen_weights']} | "
             f"{r['wall_s'] / 60:.1f} | `{r.get('command', payload['command'])}` |"
         )

@@ -265,6 +265,7 @@ def run_qat(
     summary = {
         "model": loaded.spec.name,
         "plan": plan.name,
+        "teacher_sha256": loaded.weights_sha256,
         "fp32_top1": fp32["top1"],
         "qat_top1": final["top1"],
         "delta_pp": round(100 * (final["top1"] - fp32["top1"]), 2),
