@@ -407,9 +407,11 @@ def test_rtq_bench_qat_writes_the_ablation_table(tmp_path: Path, data_root: Path
         ablation.main(parser.parse_args(["--collect", str(tmp_path / "broken")]), "pytest")
 
 
-def test_an_interrupted_qat_run_resumes_to_the_same_integers(tmp_path: Path):
-    """Stopped after epoch 2 of 3 (inside the 4-bit phase), resumed from last.pt: the same student,
-    integers and history as the run that was never stopped; the checkpoint is gone once done."""
+@pytest.mark.parametrize("stop", [1, 2], ids=["at-phase-end", "mid-phase"])
+def test_an_interrupted_qat_run_resumes_to_the_same_integers(tmp_path: Path, stop: int):
+    """Stopped after epoch 1 (the end of the 8-bit phase) or 2 (inside the 4-bit phase) of 3, resumed
+    from last.pt: the same student, integers and history as the run that was never stopped; the
+    checkpoint is gone once done."""
     from serving.qat.integers import read_integers
     from serving.qat.loop import CHECKPOINT, read_checkpoint
 
@@ -421,16 +423,14 @@ def test_an_interrupted_qat_run_resumes_to_the_same_integers(tmp_path: Path):
     whole = run_qat(loaded, plan, _data(), cfg, tmp_path / "whole", workers=0, log=lambda m: None)
     assert not (tmp_path / "whole" / CHECKPOINT).exists()
 
-    def stop_after_epoch_2(msg: str) -> None:
-        if msg.startswith("epoch 2/"):
+    def stop_after(msg: str) -> None:
+        if msg.startswith(f"epoch {stop}/"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_qat(
-            loaded, plan, _data(), cfg, tmp_path / "cut", workers=0, log=stop_after_epoch_2, command="first"
-        )
+        run_qat(loaded, plan, _data(), cfg, tmp_path / "cut", workers=0, log=stop_after, command="first")
     ckpt = read_checkpoint(tmp_path / "cut")
-    assert ckpt["epoch"] == 2 and [h["weight_bits"] for h in ckpt["history"]] == [8, 4]
+    assert ckpt["epoch"] == stop and [h["weight_bits"] for h in ckpt["history"]] == [8, 4][:stop]
     ckpt["resumed_with"] = ["second"]
     again = run_qat(loaded, plan, _data(), cfg, tmp_path / "cut", workers=0, log=lambda m: None,
                     command="first", resume=ckpt)  # fmt: skip

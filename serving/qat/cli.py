@@ -12,6 +12,7 @@ from serving.errors import RtqError
 from serving.settings import DATA_ROOT_ENV, PROJECT_ROOT
 
 DEFAULT_MODEL = "efficientnetv2_b0_imagenette"
+DEFAULT_PLAN = "w4a4"
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -47,8 +48,8 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sp.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"zoo model (default: {DEFAULT_MODEL})")
     sp.add_argument(
         "--plan",
-        default="w4a4",
-        help=f"{' | '.join(PRESETS)} (first/last layers 8-bit) or a plan YAML (default: w4a4)",
+        default=DEFAULT_PLAN,
+        help=f"{' | '.join(PRESETS)} (first/last layers 8-bit) or a plan YAML (default: {DEFAULT_PLAN})",
     )
     sp.add_argument("--weights", default=None, help="teacher checkpoint (default: the zoo's)")
     sp.add_argument(
@@ -231,7 +232,7 @@ def _resumed(args: argparse.Namespace, command: str):
             clashes.append(f"--{name.replace('_', '-')} {value} (checkpoint: {getattr(cfg, name)})")
     if args.model not in (DEFAULT_MODEL, ckpt["model"]):
         clashes.append(f"model {args.model} (checkpoint: {ckpt['model']})")
-    if args.plan != "w4a4" or args.asymmetric:
+    if args.plan != DEFAULT_PLAN or args.asymmetric:
         asked = resolve_plan(args.plan, args.asymmetric).name
         if asked != plan.name:
             clashes.append(f"--plan {asked} (checkpoint: {plan.name})")

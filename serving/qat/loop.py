@@ -177,11 +177,19 @@ def run_qat(
         log(f"resuming after epoch {epoch}/{cfg.epochs}")
     # Where each phase starts, in epochs: a resumed run skips the phases it finished.
     starts = np.cumsum([0] + [p.epochs for p in phases])
+    restored = resume is None or epoch == 0
     val = None  # the student's last evaluation, while its bits have not changed since
     for pi, phase in enumerate(phases):
+        done_here = max(0, min(epoch - int(starts[pi]), phase.epochs))
+        if not restored and done_here < phase.epochs:
+            # The state was saved at the bits of the phase its last epoch was in: set those first (they
+            # shape every buffer), load it, then step to this phase's bits as the unbroken run did.
+            saved = max(j for j, p in enumerate(phases) if p.epochs and starts[j] < epoch)
+            set_bits(layers, phases[saved].weight_bits, phases[saved].act_bits)
+            student.load_state_dict(resume["student"])
+            restored = True
         set_bits(layers, phase.weight_bits, phase.act_bits)
         val = None
-        done_here = max(0, min(epoch - int(starts[pi]), phase.epochs))
         if phase.epochs == 0 or done_here == phase.epochs:
             continue
         quant_params = [p for n, p in student.named_parameters() if ".weight_q." in n or ".input_q." in n]
@@ -196,9 +204,7 @@ def run_qat(
         total = steps_per_epoch * phase.epochs
         freeze_from = int(cfg.freeze_after * total) if phase.weight_bits < 8 else total + 1
         step = done_here * steps_per_epoch
-        if resume is not None and done_here:
-            # After set_bits gave every buffer its shape at these bits: the trained values replace them.
-            student.load_state_dict(resume["student"])
+        if resume is not None and done_here:  # mid-phase: its optimizer goes on (a new phase starts afresh)
             opt.load_state_dict(resume["optimizer"])  # `base` was read before: the schedule's peak rates
         for _ in range(phase.epochs - done_here):
             t0 = time.perf_counter()
