@@ -348,6 +348,7 @@ def test_rtq_bench_qat_writes_the_ablation_table(tmp_path: Path, data_root: Path
     assert all(0 <= r["top1"] <= 1 and r["val_images"] == 10 for r in rows)
     md = js.with_suffix(".md").read_text()
     assert "| w4a8 |" in md and "ptq" in md
+    assert js.with_suffix(".png").read_bytes()[:4] == b"\x89PNG" and f"]({js.stem}.png)" in md
     lost = round((rows[1]["top1"] - rows[1]["top1_fp32"]) * 10)  # Δ as a count of the 10 val images
     assert f"| {rows[1]['delta_pts']:+.2f} | {lost:+d} |" in md
     # The same grid again: both cells reused from their folders, nothing trained.
@@ -422,6 +423,7 @@ def test_an_interrupted_qat_run_resumes_to_the_same_integers(tmp_path: Path, sto
     plan = preset_plan("w4a8")
     whole = run_qat(loaded, plan, _data(), cfg, tmp_path / "whole", workers=0, log=lambda m: None)
     assert not (tmp_path / "whole" / CHECKPOINT).exists()
+    assert (tmp_path / "whole" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
     def stop_after(msg: str) -> None:
         if msg.startswith(f"epoch {stop}/"):

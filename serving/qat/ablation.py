@@ -181,7 +181,6 @@ def resumable_cell(out: Path, cfg, plan_name: str, teacher_sha256: str | None) -
 def main(args: argparse.Namespace, command: str) -> int:
     import torch
 
-    from serving.bench.results import write_results
     from serving.qat.cli import open_qat_data, teacher
     from serving.qat.config import QatConfig, preset_plan
     from serving.qat.loop import evaluate, run_qat
@@ -202,7 +201,7 @@ def main(args: argparse.Namespace, command: str) -> int:
             "rows": rows,
             "note": "collected from finished `rtq qat` runs (each row's command); " + NOTE,
         }  # fmt: skip
-        write_results(Path(args.out), f"qat-ablation-{models[0]}", now, payload, markdown(payload))
+        _write(Path(args.out), f"qat-ablation-{models[0]}", now, payload)
         return 0
     check_device(args.device)
     torch.set_num_threads(max(1, args.threads))
@@ -267,8 +266,21 @@ def main(args: argparse.Namespace, command: str) -> int:
         "train_images": len(data.train_labels), "eval_set": data.source, "rows": rows,
         "note": NOTE,
     }  # fmt: skip
-    write_results(Path(args.out), f"qat-ablation-{args.model}", now, payload, markdown(payload))
+    _write(Path(args.out), f"qat-ablation-{args.model}", now, payload)
     return 0
+
+
+def _write(out: Path, prefix: str, now: dt.datetime, payload: dict) -> None:
+    """JSON and Markdown, and beside them the val top-1 curves of every trained cell."""
+    from serving.bench.results import write_results
+    from serving.qat.curves import plot_ablation
+
+    stem = write_results(out, prefix, now, payload, markdown(payload))
+    if any(r.get("history") for r in payload["rows"]):
+        png = stem.with_suffix(".png")
+        plot_ablation(payload["rows"], f"{payload['model']}: val top-1 per epoch ({payload['date']})", png)
+        with stem.with_suffix(".md").open("a") as f:
+            f.write(f"\n![val top-1 per epoch, per precision]({png.name})\n")
 
 
 def markdown(payload: dict) -> str:

@@ -379,6 +379,11 @@ def export(
     tmp = out / ".log.json.tmp"
     tmp.write_text(json.dumps(log_payload, indent=2) + "\n")
     os.replace(tmp, out / "log.json")
+    if history:
+        from serving.qat.curves import plot_run
+
+        title = f"{loaded.spec.name} {kd} {plan.name} ({prog})"
+        plot_run(history, summary["fp32_top1"], title, out / "curves.png")
     return QatResult(plan_path, integers, summary, history)
 
 
