@@ -171,6 +171,8 @@ def test_plan_bits_reach_the_layers_and_first_last_stay_8bit():
     assert bits["blocks.5.0.conv_pwl"] == (2, 4)
     with pytest.raises(RtqError, match="unknown layers"):
         prepare(_teacher().module, parse_plan({"name": "bad", "layers": {"nope.conv": 4}}))
+    with pytest.raises(RtqError, match="per-channel weights"):  # what packing stores
+        prepare(_teacher().module, parse_plan({"name": "pt", "weights": {"bits": 4, "per_channel": False}}))
 
 
 @pytest.mark.parametrize("asymmetric", [False, True], ids=["symmetric", "asymmetric"])
