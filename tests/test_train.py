@@ -292,6 +292,21 @@ def test_bad_data_folders_give_one_line_errors(tmp_path: Path):
     )
 
 
+def test_resume_writes_into_the_checkpoints_folder_unless_out_moves_it(tmp_path: Path):
+    # A resume by path once wrote its checkpoints and log into the default folder, not the run's own.
+    from serving.train.cli import run_folder
+
+    default, run = tmp_path / "default", tmp_path / "run"
+    run.mkdir()
+    assert run_folder(None, str(run / "last.pt"), default) == (run, run / "last.pt")
+    assert run_folder(None, str(run), default) == (run, run / "last.pt")
+    fork = tmp_path / "fork"
+    assert run_folder(fork, str(run / "last.pt"), default) == (fork, run / "last.pt")
+    assert run_folder(None, "last", default) == (default, default / "last.pt")
+    assert run_folder(run, "last", default) == (run, run / "last.pt")
+    assert run_folder(None, None, default) == (default, None)
+
+
 def test_bad_resume_checkpoints_give_one_line_errors(straight_run: Path, imagenette: Path, tmp_path: Path):
     base = ["--data-root", str(imagenette), "--cache-dir", str(tmp_path / "cache")]
     ckpt = torch.load(straight_run / "last.pt", weights_only=True)

@@ -125,7 +125,8 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         const="last",
         default=None,
         metavar="CHECKPOINT",
-        help="continue a run exactly (default checkpoint: <out>/last.pt)",
+        help="continue a run exactly from a last.pt or its folder (default: <out>/last.pt); it goes on "
+        "writing into the checkpoint's folder unless --out is given",
     )
     sp.add_argument(
         "--export",
@@ -198,6 +199,19 @@ def export_path(given: Path | None, cfg: TrainConfig, resume: dict | None) -> Pa
     return DEFAULT_EXPORT if cfg.max_images is None and cfg.max_val_images is None else None
 
 
+def run_folder(out: Path | None, resume: str | None, default: Path) -> tuple[Path, Path | None]:
+    """(folder the run writes to, checkpoint it resumes from): a resumed checkpoint's run stays in its
+    own folder unless --out moves it elsewhere."""
+    if resume is None:
+        return out or default, None
+    if resume == "last":
+        folder = out or default
+        return folder, folder / "last.pt"
+    given = Path(resume)
+    checkpoint = given / "last.pt" if given.is_dir() else given
+    return out or checkpoint.parent, checkpoint
+
+
 def main(args: argparse.Namespace) -> int:
     from serving.train.loop import RunOptions, TrainingInterrupted, read_checkpoint, train
 
@@ -206,12 +220,11 @@ def main(args: argparse.Namespace) -> int:
         argv = ["train", *argv]
     command = "rtq " + " ".join(shlex.quote(a) for a in argv)
     name = DEFAULT_NAME
-    out = args.out or PROJECT_ROOT / ".cache" / "train" / name
-    resume = resume_path = None
-    if args.resume is not None:
+    out, resume_path = run_folder(args.out, args.resume, PROJECT_ROOT / ".cache" / "train" / name)
+    resume = None
+    if resume_path is not None:
         if getattr(args, "init", None) is not None:
             raise RtqError("--init starts a new run from weights; --resume continues one: pass only one")
-        resume_path = out / "last.pt" if args.resume == "last" else Path(args.resume)
         resume = read_checkpoint(resume_path)
         cfg = _resume_config(resume, args)
     else:
