@@ -144,6 +144,12 @@ def cmd_bench_lowbit(args: argparse.Namespace) -> int:
     return lowbit_main(args, _command_line())
 
 
+def cmd_bench_qat_step(args: argparse.Namespace) -> int:
+    from serving.bench.qat_step import main as qat_step_main
+
+    return qat_step_main(args, _command_line())
+
+
 def cmd_bench_int8_kernels(args: argparse.Namespace) -> int:
     from serving.bench.int8_kernels import main as int8_kernels_main
 
@@ -344,6 +350,12 @@ def parser() -> argparse.ArgumentParser:
     sp = bsub.add_parser("qat", help="PTQ vs QAT vs QAT+KD (+ progressive) per precision; table + JSON")
     qat_ablation_args(sp)
     sp.set_defaults(func=cmd_bench_qat)
+
+    from serving.bench.qat_step import add_arguments as qat_step_args
+
+    sp = bsub.add_parser("qat-step", help="one rtq qat step, eager vs torch.compile'd fake quantizers")
+    qat_step_args(sp)
+    sp.set_defaults(func=cmd_bench_qat_step)
 
     sp = sub.add_parser("serve", help="edge gRPC server (KServe v2, Triton protocol) + Prometheus metrics")
     serve_args(sp)

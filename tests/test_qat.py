@@ -15,7 +15,7 @@ import yaml
 from serving.errors import RtqError
 from serving.models.zoo import LoadedModel, get_spec
 from serving.qat.config import QatConfig, preset_plan
-from serving.qat.fake_quant import ActFakeQuant, WeightFakeQuant
+from serving.qat.fake_quant import EAGER, ActFakeQuant, WeightFakeQuant, compiled_kernels
 from serving.qat.fold import fold_batchnorm
 from serving.qat.integers import load_qat_layers
 from serving.qat.loop import QatData, run_qat
@@ -139,6 +139,104 @@ def test_activation_quantizer_uses_observed_range_and_keeps_it_when_bits_drop():
     assert len(torch.unique(y4)) <= 16 and float(y4.max()) == pytest.approx(3.0, abs=0.25)
 
 
+def _compiled():
+    import shutil
+
+    if not any(shutil.which(c) for c in ("g++", "c++", "cc")):
+        pytest.skip("no C++ compiler: torch.compile cannot build CPU kernels here")
+    notes: list[str] = []
+    kernels = compiled_kernels(log=notes.append)
+    assert kernels.name == "compiled", notes  # a compiler is here, so the fused kernels must work
+    return kernels
+
+
+def test_compiled_fake_quantizers_compute_the_eager_values_and_gradients():
+    """Weights (symmetric and asymmetric, some pinned; conv, depthwise and linear shapes) and
+    activations: the fused kernels give the eager values exactly and the same gradients."""
+    kernels = _compiled()
+    torch.manual_seed(0)
+    for shape, bits, symmetric in (((16, 8, 3, 3), 2, False), ((24, 1, 3, 3), 4, True), ((10, 32), 4, True)):
+        results = []
+        for k in (EAGER, kernels):
+            w = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 0.2).requires_grad_(True)
+            wq, aq = WeightFakeQuant(shape[0]), ActFakeQuant()
+            wq.reset(w, bits, symmetric)
+            wq.frozen.view(-1)[::7] = True
+            wq.frozen_int.view(-1)[::7] = 1.0
+            aq.observing = True
+            x = torch.nn.functional.silu(
+                torch.randn(4, 16, 9, 9, generator=torch.Generator().manual_seed(2)) * 2
+            )
+            aq(x)
+            aq.observing = False
+            aq.set_bits(4)
+            wq.kernels = aq.kernels = k
+            x.requires_grad_(True)
+            out_w, out_a = wq(w), aq(x)
+            (
+                out_w.square().sum() + (out_a * torch.linspace(-1, 1, out_a.numel()).view_as(out_a)).sum()
+            ).backward()
+            grads = [t.grad for t in (w, wq.log_step, wq.zero_point, x, aq.log_step, aq.offset)]
+            results.append((out_w.detach(), out_a.detach(), grads))
+        (ew, ea, eg), (cw, ca, cg) = results
+        assert torch.equal(cw, ew) and torch.equal(ca, ea), shape
+        assert (
+            eg[2] is None if symmetric else eg[2] is not None
+        )  # a zero point learns on asymmetric grids only
+        for want, got in zip(eg, cg, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_fake_quantizers_fall_back_to_eager_when_compiling_fails_or_differs(monkeypatch):
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        return call
+
+    notes: list[str] = []
+    monkeypatch.setattr(torch, "compile", broken)
+    assert compiled_kernels(log=notes.append) is EAGER
+    assert "torch.compile failed: InvalidCxxCompiler" in notes[-1] and "--no-compile" in notes[-1]
+
+    def off_by_a_step(fn, **kwargs):  # a compiler that rounds differently must not train other integers
+        return lambda *args: fn(*args) + 1e-3
+
+    monkeypatch.setattr(torch, "compile", off_by_a_step)
+    assert compiled_kernels(log=notes.append) is EAGER
+    assert "differs from eager" in notes[-1]
+
+
+def test_rtq_bench_qat_step_times_both_kernels(tmp_path: Path, monkeypatch, capsys):
+    import json
+
+    import serving.models.zoo as zoo
+    from serving.bench import qat_step
+
+    _compiled()
+    monkeypatch.setattr(zoo, "create_model", lambda name, weights=None: _teacher())
+    parser = argparse.ArgumentParser()
+    qat_step.add_arguments(parser)
+    args = parser.parse_args(
+        ["--plans", "w2a4", "--image-size", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+         "--rounds", "2", "--out", str(tmp_path), "-q"]
+    )  # fmt: skip
+    assert qat_step.main(args, "pytest") == 0
+    (result,) = tmp_path.glob("qat-step-*.json")
+    payload = json.loads(result.read_text())
+    (row,) = payload["rows"]
+    assert row["plan"] == "w2a4" and payload["image_size"] == 32 and payload["batch_size"] == 4
+    assert all(len(v) == 4 for v in row["samples_ms_per_image"].values())  # 2 rounds x 2 timed steps
+    assert row["speedup"] == pytest.approx(
+        row["ms_per_image"]["eager"] / row["ms_per_image"]["compiled"], rel=1e-2
+    )
+    assert "| w2a4 |" in capsys.readouterr().out
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda *a: fn(*a) + 1.0)
+    with pytest.raises(RtqError, match="nothing to compare: fake quantizers run eager"):
+        qat_step.main(args, "pytest")
+
+
 def test_progressive_phases_step_down_to_the_plan():
     w2a4 = preset_plan("w2a4")
     phases = progressive_phases(w2a4, (8, 4, 2), 7)
@@ -239,16 +337,20 @@ def test_qat_integers_are_what_the_build_serves(tmp_path: Path, asymmetric: bool
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
 
 
-def test_the_integers_file_holds_the_whole_fake_quantized_student(tmp_path: Path):
-    """Weights, steps and the learned input grids: the student rebuilt from the file alone computes
-    what training left (the served-gap diagnosis in README depends on it)."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_integers_file_holds_the_whole_fake_quantized_student(tmp_path: Path, compiled: bool):
+    """Weights, steps and the learned input grids: the student rebuilt from the file alone (eager)
+    computes what training left (the served-gap diagnosis in README depends on it), also when it
+    trained with the compiled fake quantizers."""
     from serving.qat.cli import resolve_plan
     from serving.qat.integers import load_student
 
     loaded = _teacher()
     cfg = QatConfig(epochs=1, progressive=(), batch_size=16, calibration_images=16, image_size=RES, mixup=0.4)
     plan = resolve_plan("w4a4", asymmetric=True)  # zero points are part of the file too
-    result = run_qat(loaded, plan, _data(), cfg, tmp_path / "qat", log=lambda m: None)
+    kernels = _compiled() if compiled else EAGER
+    result = run_qat(loaded, plan, _data(), cfg, tmp_path / "qat", log=lambda m: None, kernels=kernels)
+    assert result.summary["kernels"] == kernels.name
     rebuilt = load_student(loaded, result.integers_path)
     x = torch.from_numpy(np.random.default_rng(1).normal(size=(4, 3, RES, RES)).astype(np.float32))
     with torch.no_grad():

@@ -77,6 +77,13 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--max-val-images", type=int, default=None, help="class-balanced val subset")
     sp.add_argument("--data", default="imagenette")
     sp.add_argument("--data-root", type=Path, default=None, help=f"${DATA_ROOT_ENV} or ../shared/data")
+    sp.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="run the fake quantizers eager (default: fused by torch.compile, the same values, a faster "
+        "step; eager where it cannot compile)",
+    )
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--threads", type=_positive, default=2)
     sp.add_argument("--workers", type=_nonnegative, default=1)
@@ -183,6 +190,7 @@ def main(args: argparse.Namespace, command: str) -> int:
 
     from serving.qat.cli import open_qat_data, teacher
     from serving.qat.config import QatConfig, preset_plan
+    from serving.qat.fake_quant import EAGER, compiled_kernels
     from serving.qat.loop import evaluate, run_qat
     from serving.qat.prepare import progressive_phases
     from serving.repository.build import machine
@@ -224,6 +232,7 @@ def main(args: argparse.Namespace, command: str) -> int:
     rows = []
     fp32 = evaluate(loaded.module.to(args.device).eval(), data, args.device)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
+    kernels = compiled_kernels(args.device, print) if args.compile else EAGER
     for precision, method, plan, cfg in cells:
         # Progressive with nothing above the plan's bits (W8A8) trains exactly what direct QAT+KD does.
         mine = phases.get((precision, method))
@@ -250,7 +259,7 @@ def main(args: argparse.Namespace, command: str) -> int:
             print(f"== {precision} {method}" + (" (resumed)" if resume else ""), flush=True)
             res = run_qat(
                 loaded, plan, data, cfg, out, device=args.device, workers=args.workers, command=command,
-                log=log, fp32=fp32, resume=resume,
+                log=log, fp32=fp32, resume=resume, kernels=kernels,
             )  # fmt: skip
             s, history = res.summary, res.history
         rows.append({

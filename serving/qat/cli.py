@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import sys
 from pathlib import Path
@@ -126,6 +127,13 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--cache-dir", type=Path, default=None, help="decoded-image cache (default: .cache/train/data)"
+    )
+    sp.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="run the fake quantizers eager (default: fused by torch.compile, the same values, a faster "
+        "step; eager where it cannot compile)",
     )
     sp.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     sp.add_argument("--threads", type=_positive, default=2, help="torch threads (default: 2)")
@@ -306,15 +314,17 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, loaded, plan, cfg, out: Path, command: str, resume: dict | None) -> int:
+    from serving.qat.fake_quant import EAGER, compiled_kernels
     from serving.qat.loop import CHECKPOINT, run_qat
 
     cache_dir = args.cache_dir or PROJECT_ROOT / ".cache" / "train" / "data"
     data = open_qat_data(loaded, args.data, args.data_root, cache_dir, cfg.max_images, cfg.max_val_images)
+    log = functools.partial(print, flush=True)
+    kernels = compiled_kernels(args.device, log) if args.compile else EAGER
     try:
         result = run_qat(
             loaded, plan, data, cfg, out, device=args.device, workers=args.workers, command=command,
-            progress=not args.quiet and sys.stderr.isatty(), log=lambda msg: print(msg, flush=True),
-            resume=resume,
+            progress=not args.quiet and sys.stderr.isatty(), log=log, resume=resume, kernels=kernels,
         )  # fmt: skip
     except KeyboardInterrupt:
         if (out / CHECKPOINT).exists():

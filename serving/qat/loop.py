@@ -26,6 +26,7 @@ from torch import nn
 from serving.models.preprocessing import Preprocessing
 from serving.models.zoo import LoadedModel
 from serving.qat.config import QatConfig
+from serving.qat.fake_quant import EAGER, Kernels
 from serving.qat.fold import fold_batchnorm
 from serving.qat.integers import save_integers
 from serving.qat.prepare import (
@@ -36,6 +37,7 @@ from serving.qat.prepare import (
     progressive_phases,
     set_bits,
     track_oscillations,
+    use_kernels,
 )
 from serving.quantize.plan import PrecisionPlan
 from serving.train.distill import distillation_loss
@@ -45,6 +47,7 @@ Log = Callable[[str], None]
 EVAL_BATCH = 100
 CHECKPOINT_FORMAT = "rtq-qat/1"
 CHECKPOINT = "last.pt"  # in the run's --out folder, rewritten after every epoch, removed when done
+
 
 @dataclass
 class QatData:
@@ -121,6 +124,59 @@ def _calibration_batches(data: QatData, cfg: QatConfig, size: int, device: str):
         yield F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
+def make_student(
+    loaded: LoadedModel, plan: PrecisionPlan, size: int, kernels: Kernels = EAGER, device: str = "cpu"
+) -> tuple[nn.Module, nn.Module, list[QuantLayer], list[str]]:
+    """(frozen teacher, BN-folded student with every layer wrapped per `plan`, its layers, the folded
+    batch norms): still to be calibrated."""
+    teacher = loaded.module.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = copy.deepcopy(teacher)
+    folded = fold_batchnorm(student, torch.zeros(1, 3, size, size, device=device))
+    layers = prepare(student, plan)
+    use_kernels(layers, kernels)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return teacher, student, layers, folded
+
+
+def make_optimizer(student: nn.Module, cfg: QatConfig) -> torch.optim.Optimizer:
+    """AdamW, the quantizers' steps and offsets at their own learning rate."""
+    quant_params = [p for n, p in student.named_parameters() if ".weight_q." in n or ".input_q." in n]
+    ids = {id(p) for p in quant_params}
+    model_params = [p for p in student.parameters() if id(p) not in ids]
+    return torch.optim.AdamW(
+        [{"params": model_params, "lr": cfg.lr}, {"params": quant_params, "lr": cfg.step_lr}],
+        weight_decay=0.0,
+    )
+
+
+def train_step(
+    teacher: nn.Module,
+    student: nn.Module,
+    layers: list[QuantLayer],
+    opt: torch.optim.Optimizer,
+    cfg: QatConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lam: float = 1.0,
+    freeze_threshold: float | None = None,
+) -> tuple[torch.Tensor, int]:
+    """One optimizer step on a normalized batch (mixed with itself reversed by `lam`); (loss, weights
+    frozen so far). `freeze_threshold`: pin weights oscillating more often (None: none yet)."""
+    if lam != 1.0:
+        x = lam * x + (1 - lam) * x.flip(0)
+    with torch.no_grad():
+        t_logits = teacher(x) if cfg.kd else None
+    loss = _loss(student(x), t_logits, y, cfg, lam)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+    opt.step()
+    return loss, track_oscillations(layers, cfg.osc_momentum, freeze_threshold)
+
+
 def run_qat(
     loaded: LoadedModel,
     plan: PrecisionPlan,
@@ -134,30 +190,24 @@ def run_qat(
     progress: bool = False,
     fp32: dict | None = None,
     resume: dict | None = None,
+    kernels: Kernels = EAGER,
 ) -> QatResult:
     """Train, export the integers and a build plan (`method: qat`) into `out`; return what was written.
 
     `fp32`: the teacher's `evaluate` result on `data` when the caller has it (an ablation grid
     evaluates the teacher once, not once per cell). `resume`: a checkpoint `read_checkpoint` gave;
-    training goes on after its last finished epoch, as the uninterrupted run would have."""
+    training goes on after its last finished epoch, as the uninterrupted run would have. `kernels`:
+    the fake quantizers' (`compiled_kernels()`: the same values, a faster step)."""
     torch.manual_seed(cfg.seed)
     size = cfg.image_size or loaded.spec.preprocessing.resolution
-    teacher = loaded.module.to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student = copy.deepcopy(teacher)
-    example = torch.zeros(1, 3, size, size, device=device)
-    folded = fold_batchnorm(student, example)
-    layers = prepare(student, plan)
-    for p in student.parameters():
-        p.requires_grad_(True)
+    teacher, student, layers, folded = make_student(loaded, plan, size, kernels, device)
     seen = calibrate(student, layers, _calibration_batches(data, cfg, size, device))
     phases = progressive_phases(plan, cfg.progressive, cfg.epochs, cfg.phase_epochs) if cfg.epochs else [
         Phase(min(q.target_bits for q in layers), plan.act_bits, 0)
     ]  # fmt: skip
     log(
         f"{loaded.spec.name}: {len(folded)} batch norms folded, {len(layers)} layers wrapped, "
-        f"{seen} calibration images; phases "
+        f"{seen} calibration images, {kernels.name} fake quantizers; phases "
         + ", ".join(f"W{p.weight_bits}A{p.act_bits} x{p.epochs}" for p in phases)
     )
     t_start = time.perf_counter()
@@ -192,13 +242,7 @@ def run_qat(
         val = None
         if phase.epochs == 0 or done_here == phase.epochs:
             continue
-        quant_params = [p for n, p in student.named_parameters() if ".weight_q." in n or ".input_q." in n]
-        ids = {id(p) for p in quant_params}
-        model_params = [p for p in student.parameters() if id(p) not in ids]
-        opt = torch.optim.AdamW(
-            [{"params": model_params, "lr": cfg.lr}, {"params": quant_params, "lr": cfg.step_lr}],
-            weight_decay=0.0,
-        )
+        opt = make_optimizer(student, cfg)
         base = [g["lr"] for g in opt.param_groups]
         steps_per_epoch = max(1, len(data.train_labels) // cfg.batch_size)
         total = steps_per_epoch * phase.epochs
@@ -219,18 +263,8 @@ def run_qat(
                 x = _normalize(x, data, device)
                 y = y.to(device)
                 lam = float(mix_rng.beta(cfg.mixup, cfg.mixup)) if cfg.mixup > 0 else 1.0
-                if lam != 1.0:
-                    x = lam * x + (1 - lam) * x.flip(0)
-                with torch.no_grad():
-                    t_logits = teacher(x) if cfg.kd else None
-                s_logits = student(x)
-                loss = _loss(s_logits, t_logits, y, cfg, lam)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-                opt.step()
                 threshold = cfg.freeze_threshold if step >= freeze_from else None
-                frozen = track_oscillations(layers, cfg.osc_momentum, threshold)
+                loss, frozen = train_step(teacher, student, layers, opt, cfg, x, y, lam, threshold)
                 loss_sum += float(loss.detach()) * len(y)
                 n_seen += len(y)
                 step += 1
@@ -280,6 +314,7 @@ def run_qat(
         "act_bits": plan.act_bits,
         "frozen_weights": sum(int(q.weight_q.frozen.sum()) for q in layers if q.weight_q.frozen.numel()),
         "wall_s": round(elapsed_before + time.perf_counter() - t_start, 1),
+        "kernels": kernels.name,
     }
     log(
         f"done: {plan.name} fake-quantized top-1 {final['top1']:.4f} vs FP32 {fp32['top1']:.4f} "

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serving.errors import RtqError
-from serving.qat.fake_quant import ActFakeQuant, WeightFakeQuant
+from serving.qat.fake_quant import ActFakeQuant, Kernels, WeightFakeQuant
 from serving.quantize.graph import Layer, component_of
 from serving.quantize.lowbit import QuantizedWeight, WeightQuant
 from serving.quantize.plan import PrecisionPlan
@@ -186,6 +186,11 @@ def calibrate(model: nn.Module, layers: list[QuantLayer], batches: Iterable[torc
             q.input_q.observing = False
         model.train(was_training)
     return seen
+
+
+def use_kernels(layers: list[QuantLayer], kernels: Kernels) -> None:
+    for q in layers:
+        q.weight_q.kernels = q.input_q.kernels = kernels
 
 
 def track_oscillations(layers: list[QuantLayer], momentum: float, threshold: float | None) -> int:
