@@ -353,7 +353,9 @@ def parser() -> argparse.ArgumentParser:
 
     from serving.bench.qat_step import add_arguments as qat_step_args
 
-    sp = bsub.add_parser("qat-step", help="one rtq qat step, eager vs torch.compile'd fake quantizers")
+    sp = bsub.add_parser(
+        "qat-step", help="one rtq qat step: compiled vs eager fake quantizers, OpenVINO vs PyTorch teacher"
+    )
     qat_step_args(sp)
     sp.set_defaults(func=cmd_bench_qat_step)
 

@@ -218,7 +218,7 @@ def test_rtq_bench_qat_step_times_both_kernels(tmp_path: Path, monkeypatch, caps
     parser = argparse.ArgumentParser()
     qat_step.add_arguments(parser)
     args = parser.parse_args(
-        ["--plans", "w2a4", "--image-size", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+        ["--plans", "w2a4", "--image-size", "32", "--batch-size", "4", "--steps", "1", "--warmup", "1",
          "--rounds", "2", "--out", str(tmp_path), "-q"]
     )  # fmt: skip
     assert qat_step.main(args, "pytest") == 0
@@ -226,10 +226,12 @@ def test_rtq_bench_qat_step_times_both_kernels(tmp_path: Path, monkeypatch, caps
     payload = json.loads(result.read_text())
     (row,) = payload["rows"]
     assert row["plan"] == "w2a4" and payload["image_size"] == 32 and payload["batch_size"] == 4
-    assert all(len(v) == 4 for v in row["samples_ms_per_image"].values())  # 2 rounds x 2 timed steps
-    assert row["speedup"] == pytest.approx(
-        row["ms_per_image"]["eager"] / row["ms_per_image"]["compiled"], rel=1e-2
-    )
+    assert payload["setups"] == ["compiled", "eager", "eager-torch-teacher"]
+    samples = row["samples_ms_per_image"]
+    assert set(samples) == set(payload["setups"]) and all(len(v) == 2 for v in samples.values())  # 2 rounds
+    ms = row["ms_per_image"]
+    assert row["speedup"]["kernels"] == pytest.approx(ms["eager"] / ms["compiled"], rel=1e-2)
+    assert row["speedup"]["total"] == pytest.approx(ms["eager-torch-teacher"] / ms["compiled"], rel=1e-2)
     assert "| w2a4 |" in capsys.readouterr().out
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda *a: fn(*a) + 1.0)

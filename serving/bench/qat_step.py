@@ -1,9 +1,11 @@
-"""`rtq bench qat-step`: one `rtq qat` training step with eager vs torch.compile'd fake quantizers.
+"""`rtq bench qat-step`: one `rtq qat` training step, as it runs now and without its speed-ups.
 
 The step timed is `serving.qat.loop.train_step` itself (teacher forward, student forward and
 backward, gradient clipping, AdamW, oscillation tracking) on the student `rtq qat` builds, at the
-plan's own bits, on random batches (the time does not depend on the pixels). Rounds alternate the
-two kernels, so a slow minute on a shared machine hits both alike.
+plan's own bits, on random batches (the time does not depend on the pixels), in three setups:
+`rtq qat`'s own (fake quantizers fused by torch.compile, the teacher on OpenVINO on the CPU), the
+same with eager fake quantizers (`--no-compile`), and eager with the teacher in PyTorch too (the
+step before either). Rounds alternate the setups, so a slow minute on a shared machine hits all alike.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from tqdm import tqdm
 from serving.cli import _positive
 from serving.settings import default_results_dir
 
-KERNELS = ("eager", "compiled")
+# setup -> (fake quantizers, teacher on OpenVINO on the CPU)
+SETUPS = {"compiled": ("compiled", True), "eager": ("eager", True), "eager-torch-teacher": ("eager", False)}
 
 
 def add_arguments(sp: argparse.ArgumentParser) -> None:
@@ -53,27 +56,33 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
 
 def _markdown(payload: dict) -> str:
     m = payload["machine"]
+    setups = payload["setups"]
     lines = [
-        "# One `rtq qat` step: eager vs torch.compile'd fake quantizers",
+        "# One `rtq qat` step: compiled vs eager fake quantizers, OpenVINO vs PyTorch teacher",
         "",
         f"- command: `{payload['command']}`",
         f"- date: {payload['date']}; machine: {m['cpu']}, {m['cores']} cores, {payload['threads']} torch "
         f"threads; torch {payload['torch']}",
         f"- model: {payload['model']}; batch {payload['batch_size']} at {payload['image_size']} px; "
         f"{payload['rounds']} rounds of {payload['warmup']} untimed + {payload['steps']} timed steps per "
-        f"kernel; compiling took {payload['compile_s']} s",
+        f"setup; compiling took {payload['compile_s']} s",
         f"- 1-min load average before / after: {payload['load_average_1m']['before']} / "
         f"{payload['load_average_1m']['after']}",
         "",
-        "| plan | eager ms/img | compiled ms/img | eager img/s | compiled img/s | speed-up |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| plan | " + " | ".join(f"{k} ms/img" for k in setups) + f" | compiled vs eager | vs {setups[-1]} |",
+        "| --- | " + " | ".join("---:" for _ in setups) + " | ---: | ---: |",
     ]
     for r in payload["rows"]:
-        e, c = r["ms_per_image"]["eager"], r["ms_per_image"]["compiled"]
+        ms = r["ms_per_image"]
         lines.append(
-            f"| {r['plan']} | {e:.1f} | {c:.1f} | {1000 / e:.1f} | {1000 / c:.1f} | x{r['speedup']:.2f} |"
-        )
-    lines += ["", "Medians over all timed steps of a kernel; both compute the same values (checked first)."]
+            f"| {r['plan']} | " + " | ".join(f"{ms[k]:.1f}" for k in setups)
+            + f" | x{r['speedup']['kernels']:.2f} | x{r['speedup']['total']:.2f} |"
+        )  # fmt: skip
+    lines += [
+        "",
+        "Medians over all timed steps of a setup (ms per image; speed-ups are ratios of those medians).",
+        "Compiled and eager fake quantizers compute the same values (checked before timing).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -85,7 +94,7 @@ def main(args: argparse.Namespace, command: str) -> int:
     from serving.qat.cli import resolve_plan, teacher
     from serving.qat.config import QatConfig
     from serving.qat.fake_quant import EAGER, compiled_kernels
-    from serving.qat.loop import make_optimizer, make_student, train_step
+    from serving.qat.loop import make_optimizer, make_student, teacher_forward, train_step
     from serving.qat.prepare import calibrate, set_bits, use_kernels
     from serving.repository.build import machine
     from serving.train.loop import check_device
@@ -101,9 +110,11 @@ def main(args: argparse.Namespace, command: str) -> int:
     if kernels["compiled"] is EAGER:
         raise RtqError(f"nothing to compare: {notes[-1].removeprefix('note: ')}")
     cfg = QatConfig(batch_size=args.batch_size, image_size=args.image_size)
+    # Where the teacher runs on PyTorch anyway (a GPU), the PyTorch-teacher setup is the eager one.
+    setups = [k for k, (_, ov) in SETUPS.items() if ov or torch.device(args.device).type == "cpu"]
     load_before = os.getloadavg()[0]
-    per_kernel = args.rounds * (args.warmup + args.steps)
-    bar = tqdm(total=len(plans) * 2 * per_kernel, desc="qat steps", disable=args.quiet, leave=False)
+    per_setup = args.rounds * (args.warmup + args.steps)
+    bar = tqdm(total=len(plans) * len(setups) * per_setup, desc="qat steps", disable=args.quiet, leave=False)
     rows = []
     for plan in plans:
         torch.manual_seed(0)
@@ -112,21 +123,25 @@ def main(args: argparse.Namespace, command: str) -> int:
         calibrate(student, layers, [torch.randn(shape, device=args.device)])
         set_bits(layers, min(q.target_bits for q in layers), plan.act_bits)  # the bits that ship
         opt = make_optimizer(student, cfg)
+        forwards = {True: teacher_forward(teacher_m, cfg, args.device), False: teacher_m}
         x = torch.randn(shape, device=args.device)
         y = torch.randint(0, 10, (args.batch_size,), device=args.device)
-        samples: dict[str, list[float]] = {k: [] for k in KERNELS}
+        samples: dict[str, list[float]] = {k: [] for k in setups}
         for _ in range(args.rounds):
-            for name in KERNELS:
-                use_kernels(layers, kernels[name])
+            for name in setups:
+                kernel_name, openvino = SETUPS[name]
+                use_kernels(layers, kernels[kernel_name])
                 for i in range(args.warmup + args.steps):
                     t = time.perf_counter()
-                    train_step(teacher_m, student, layers, opt, cfg, x, y)
+                    train_step(forwards[openvino], student, layers, opt, cfg, x, y)
                     if i >= args.warmup:
                         samples[name].append(1000 * (time.perf_counter() - t) / args.batch_size)
                     bar.update(1)
         ms = {k: round(statistics.median(v), 2) for k, v in samples.items()}
         rows.append({
-            "plan": plan.name, "ms_per_image": ms, "speedup": round(ms["eager"] / ms["compiled"], 3),
+            "plan": plan.name, "ms_per_image": ms,
+            "speedup": {"kernels": round(ms["eager"] / ms["compiled"], 3),
+                        "total": round(ms[setups[-1]] / ms["compiled"], 3)},
             "samples_ms_per_image": {k: [round(t, 2) for t in v] for k, v in samples.items()},
         })  # fmt: skip
     bar.close()
@@ -136,6 +151,7 @@ def main(args: argparse.Namespace, command: str) -> int:
         "machine": machine(), "torch": torch.__version__, "threads": args.threads, "device": args.device,
         "model": loaded.spec.name, "image_size": args.image_size, "batch_size": args.batch_size,
         "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "compile_s": compile_s,
+        "setups": setups,
         "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "rows": rows,
     }  # fmt: skip

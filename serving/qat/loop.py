@@ -44,6 +44,7 @@ from serving.train.distill import distillation_loss
 from serving.train.loop import normalize_batch
 
 Log = Callable[[str], None]
+TeacherFn = Callable[[torch.Tensor], torch.Tensor]  # normalized batch -> the frozen teacher's logits
 EVAL_BATCH = 100
 CHECKPOINT_FORMAT = "rtq-qat/1"
 CHECKPOINT = "last.pt"  # in the run's --out folder, rewritten after every epoch, removed when done
@@ -152,8 +153,18 @@ def make_optimizer(student: nn.Module, cfg: QatConfig) -> torch.optim.Optimizer:
     )
 
 
+def teacher_forward(teacher: nn.Module, cfg: QatConfig, device: str) -> TeacherFn:
+    """The frozen teacher as the training step calls it: on OpenVINO on the CPU (faster than eager
+    PyTorch: `rtq bench qat-step`; V2-B0's logits agree within 2e-6), else itself."""
+    if not cfg.kd or torch.device(device).type != "cpu":
+        return teacher
+    from serving.train.distill import openvino_forward
+
+    return openvino_forward(teacher, torch.get_num_threads())
+
+
 def train_step(
-    teacher: nn.Module,
+    teacher: TeacherFn,
     student: nn.Module,
     layers: list[QuantLayer],
     opt: torch.optim.Optimizer,
@@ -202,6 +213,7 @@ def run_qat(
     size = cfg.image_size or loaded.spec.preprocessing.resolution
     teacher, student, layers, folded = make_student(loaded, plan, size, kernels, device)
     seen = calibrate(student, layers, _calibration_batches(data, cfg, size, device))
+    t_forward = teacher_forward(teacher, cfg, device)
     phases = progressive_phases(plan, cfg.progressive, cfg.epochs, cfg.phase_epochs) if cfg.epochs else [
         Phase(min(q.target_bits for q in layers), plan.act_bits, 0)
     ]  # fmt: skip
@@ -264,7 +276,7 @@ def run_qat(
                 y = y.to(device)
                 lam = float(mix_rng.beta(cfg.mixup, cfg.mixup)) if cfg.mixup > 0 else 1.0
                 threshold = cfg.freeze_threshold if step >= freeze_from else None
-                loss, frozen = train_step(teacher, student, layers, opt, cfg, x, y, lam, threshold)
+                loss, frozen = train_step(t_forward, student, layers, opt, cfg, x, y, lam, threshold)
                 loss_sum += float(loss.detach()) * len(y)
                 n_seen += len(y)
                 step += 1

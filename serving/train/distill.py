@@ -60,7 +60,7 @@ def load_teacher(
     for p in module.parameters():
         p.requires_grad_(False)
     if device == "cpu":
-        forward, runtime = _openvino_forward(module, threads), "openvino"
+        forward, runtime = openvino_forward(module, threads), "openvino"
     else:
         forward, runtime = _torch_forward(module.to(device)), "torch"
     pp = spec.preprocessing
@@ -75,7 +75,7 @@ def load_teacher(
     )
 
 
-def _openvino_forward(module: nn.Module, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def openvino_forward(module: nn.Module, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
     # On the CPU the teacher runs on OpenVINO: 2-2.5x faster than eager PyTorch for Lite0 here (2.1 vs
     # 5.1 ms per image at 112 px, batch 64, 2 threads; PyTorch's emulated bf16 was 16x slower still).
     import openvino as ov
