@@ -15,6 +15,7 @@ from pathlib import Path
 
 from serving.cli import _nonnegative, _positive
 from serving.errors import RtqError
+from serving.qat.cli import add_compile_flag
 from serving.settings import DATA_ROOT_ENV, PROJECT_ROOT, default_results_dir
 
 METHODS = {
@@ -77,13 +78,7 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--max-val-images", type=int, default=None, help="class-balanced val subset")
     sp.add_argument("--data", default="imagenette")
     sp.add_argument("--data-root", type=Path, default=None, help=f"${DATA_ROOT_ENV} or ../shared/data")
-    sp.add_argument(
-        "--no-compile",
-        dest="compile",
-        action="store_false",
-        help="run the fake quantizers eager (default: fused by torch.compile, the same values, a faster "
-        "step; eager where it cannot compile)",
-    )
+    add_compile_flag(sp)
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--threads", type=_positive, default=2)
     sp.add_argument("--workers", type=_nonnegative, default=1)

@@ -128,6 +128,16 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sp.add_argument(
         "--cache-dir", type=Path, default=None, help="decoded-image cache (default: .cache/train/data)"
     )
+    add_compile_flag(sp)
+    sp.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    sp.add_argument("--threads", type=_positive, default=2, help="torch threads (default: 2)")
+    sp.add_argument("--workers", type=_nonnegative, default=1, help="augmentation processes (default: 1)")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=main)
+    return sp
+
+
+def add_compile_flag(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--no-compile",
         dest="compile",
@@ -135,12 +145,6 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="run the fake quantizers eager (default: fused by torch.compile, the same values, a faster "
         "step; eager where it cannot compile)",
     )
-    sp.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    sp.add_argument("--threads", type=_positive, default=2, help="torch threads (default: 2)")
-    sp.add_argument("--workers", type=_nonnegative, default=1, help="augmentation processes (default: 1)")
-    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    sp.set_defaults(func=main)
-    return sp
 
 
 def resolve_plan(text: str, asymmetric: bool = False):
