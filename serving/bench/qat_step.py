@@ -45,9 +45,9 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
         default=QatConfig.batch_size,
         help="(default: %(default)s, as rtq qat)",
     )
-    sp.add_argument("--steps", type=_positive, default=5, help="timed steps a kernel a round (default: 5)")
+    sp.add_argument("--steps", type=_positive, default=5, help="timed steps a setup a round (default: 5)")
     sp.add_argument("--warmup", type=_positive, default=3, help="untimed steps before each (default: 3)")
-    sp.add_argument("--rounds", type=_positive, default=2, help="eager/compiled alternations (default: 2)")
+    sp.add_argument("--rounds", type=_positive, default=2, help="rounds through the setups (default: 2)")
     sp.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     sp.add_argument("--threads", type=_positive, default=2, help="torch threads (default: 2)")
     sp.add_argument("--out", default=str(default_results_dir()), help="results folder (default: %(default)s)")
@@ -116,14 +116,15 @@ def main(args: argparse.Namespace, command: str) -> int:
     per_setup = args.rounds * (args.warmup + args.steps)
     bar = tqdm(total=len(plans) * len(setups) * per_setup, desc="qat steps", disable=args.quiet, leave=False)
     rows = []
+    forwards = None  # the teacher, converted once for every plan
     for plan in plans:
         torch.manual_seed(0)
         teacher_m, student, layers, _ = make_student(loaded, plan, args.image_size, EAGER, args.device)
+        forwards = forwards or {True: teacher_forward(teacher_m, cfg, args.device), False: teacher_m}
         shape = (args.batch_size, 3, args.image_size, args.image_size)
         calibrate(student, layers, [torch.randn(shape, device=args.device)])
         set_bits(layers, min(q.target_bits for q in layers), plan.act_bits)  # the bits that ship
         opt = make_optimizer(student, cfg)
-        forwards = {True: teacher_forward(teacher_m, cfg, args.device), False: teacher_m}
         x = torch.randn(shape, device=args.device)
         y = torch.randint(0, 10, (args.batch_size,), device=args.device)
         samples: dict[str, list[float]] = {k: [] for k in setups}

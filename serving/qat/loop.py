@@ -156,7 +156,7 @@ def make_optimizer(student: nn.Module, cfg: QatConfig) -> torch.optim.Optimizer:
 def teacher_forward(teacher: nn.Module, cfg: QatConfig, device: str) -> TeacherFn:
     """The frozen teacher as the training step calls it: on OpenVINO on the CPU (faster than eager
     PyTorch: `rtq bench qat-step`; V2-B0's logits agree within 2e-6), else itself."""
-    if not cfg.kd or torch.device(device).type != "cpu":
+    if not cfg.kd or not cfg.epochs or torch.device(device).type != "cpu":  # no step needs a faster one
         return teacher
     from serving.train.distill import openvino_forward
 
