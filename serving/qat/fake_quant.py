@@ -46,13 +46,26 @@ def weight_fake_quant(
 ) -> torch.Tensor:
     """(q - z) * s with q = round(w / s) + z on the grid (pinned where `frozen`); w is C x K, s and z C x 1.
 
-    Clipped to the grid around z, then rounded: the values `WeightFakeQuant._ints` gives (w / s + z
-    first would round differently near half-steps), LSQ's gradients; z, an integer, learns only where
-    it clips.
+    Rounded straight-through: LSQ's gradients; z, an integer, learns only where it clips.
     """
-    v = torch.maximum(torch.minimum(w / s, qmax - z), qmin - z)
-    q = torch.where(frozen, frozen_int, _round_ste(v) + z)
+    q = torch.where(frozen, frozen_int, weight_ints(w, s, z, qmin, qmax, _round_ste))
     return (q - z) * s
+
+
+def weight_ints(
+    w: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    rnd: Callable[[torch.Tensor], torch.Tensor] = torch.round,
+) -> torch.Tensor:
+    """round(w / s) + z clipped to [qmin, qmax]: the grid training rounds to and the file stores.
+
+    Clipped around z before rounding (equal for an integer z, and it lets the gradient through only
+    inside the grid); w / s + z first would round differently near half-steps.
+    """
+    return rnd(torch.maximum(torch.minimum(w / s, qmax - z), qmin - z)) + z
 
 
 @dataclass(frozen=True)
@@ -202,8 +215,9 @@ class WeightFakeQuant(nn.Module):
 
     def _ints(self, weight: torch.Tensor) -> torch.Tensor:
         shape = self._shape(weight)
-        s, z = self.step().view(shape), self.zero_points().view(shape)
-        return torch.clamp(torch.round(weight / s) + z, self.qmin, self.qmax)
+        return weight_ints(
+            weight, self.step().view(shape), self.zero_points().view(shape), self.qmin, self.qmax
+        )
 
     @property
     def initialized(self) -> bool:
