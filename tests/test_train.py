@@ -160,6 +160,12 @@ def test_init_starts_from_a_checkpoints_ema(
             # fp16 export: a few parts in 1e3; batch-norm running stats move in train mode, so weights only.
             torch.testing.assert_close(got[key], ema[key], rtol=0, atol=2e-3 * ema[key].abs().max().item())
             assert not torch.allclose(got[key], fresh[key], atol=1e-3), key
+        # The export names what it started from and how that was made: the whole recipe.
+        origin = json.loads((out / "efficientnetv2_b0_imagenette.json").read_text())["init"]
+        assert origin["file"] == str(init) and origin["sha256"] == sha256_of(init)
+        assert origin["command"] == "pytest tiny run" and origin["resumed_with"] == []
+        assert ("epoch" in origin) == (init.suffix == ".pt")
+        assert ("val_top1_ema" in origin) == (init.suffix == ".safetensors")
 
 
 def test_bad_init_gives_one_line_errors(straight_run: Path, imagenette: Path, tmp_path: Path):

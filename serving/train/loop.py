@@ -212,21 +212,48 @@ def read_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def read_init_weights(path: Path, arch: str, classes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """An rtq train checkpoint's EMA weights (what its run exports), or any state_dict file's."""
+def read_init_weights(
+    path: Path, arch: str, classes: tuple[str, ...]
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """An rtq train checkpoint's EMA weights (what its run exports), or any state_dict file's; and
+    where they came from (`init_origin`)."""
     from serving.models.weights import read_state_dict, state_dict_of
 
     if path.suffix != ".pt" or not path.is_file():
-        return read_state_dict(path)
+        return read_state_dict(path), init_origin(path, None)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - read_state_dict gives the one-line error
-        return read_state_dict(path)
+        return read_state_dict(path), init_origin(path, None)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         # Shapes alone would let a head trained on other classes in the same count load silently.
         check_checkpoint(obj, path, arch, classes, role="--init")
-        return obj["ema"]
-    return state_dict_of(obj, path)
+        return obj["ema"], init_origin(path, obj)
+    return state_dict_of(obj, path), init_origin(path, None)
+
+
+def init_origin(path: Path, checkpoint: dict | None) -> dict:
+    """The --init file, its sha256 and how it was made (the commands of the run behind it, from the
+    checkpoint or the export's manifest beside it): a fine-tuned export names its whole recipe."""
+    from serving.models.weights import sha256_of
+
+    origin: dict = {"file": str(path), "sha256": sha256_of(path)}
+    made_by = checkpoint
+    if made_by is None:
+        manifest = path.with_suffix(".json")
+        try:
+            made_by = json.loads(manifest.read_text()) if manifest.is_file() else None
+        except (OSError, ValueError):
+            made_by = None
+        if made_by is not None and made_by.get("sha256") != origin["sha256"]:
+            made_by = None  # a manifest of another file: saying nothing beats saying something wrong
+    if made_by is not None:
+        if checkpoint is not None:
+            origin["epoch"] = checkpoint.get("epoch")
+        elif "results" in made_by:
+            origin["val_top1_ema"] = made_by["results"].get("val_top1_ema")
+        origin.update({k: made_by[k] for k in ("command", "resumed_with", "init") if k in made_by})
+    return origin
 
 
 def check_checkpoint(
@@ -313,9 +340,9 @@ def train(
             f"{f'{cfg.teacher_size} px' if cfg.teacher_size else 'the student size'} "
             f"(weight {cfg.kd_weight}, temperature {cfg.kd_temperature})"
         )
-    init_weights = None
+    init_weights, origin = None, None
     if resume is None and opts.init is not None:
-        init_weights = read_init_weights(opts.init, ARCH, folders.classes)
+        init_weights, origin = read_init_weights(opts.init, ARCH, folders.classes)
     train_split = balanced_subset(folders.train, cfg.max_images)
     val_split = balanced_subset(folders.val, cfg.max_val_images)
     pp = eval_preprocessing(cfg)
@@ -357,7 +384,7 @@ def train(
     sums = _Sums()
     elapsed_before = 0.0
     # The command that started the run is what reproduces it; resumes are listed beside it.
-    commands = {"command": opts.command, "resumed_with": []}
+    commands = {"command": opts.command, "resumed_with": [], **({"init": origin} if origin else {})}
     if resume is not None:
         from serving.models.weights import load_into
 
@@ -374,6 +401,7 @@ def train(
         commands = {
             "command": resume["command"],
             "resumed_with": [*resume.get("resumed_with", []), opts.command],
+            **({"init": resume["init"]} if "init" in resume else {}),
         }
         torch.set_rng_state(resume["rng"]["torch"])
         rng.bit_generator.state = resume["rng"]["numpy"]
