@@ -396,3 +396,19 @@ def test_bf16_is_on_by_default_only_where_it_is_fast(monkeypatch, flags, device,
     # An explicit choice wins either way.
     assert config_from_args(_parse("--device", device, "--bf16")).bf16 is True
     assert config_from_args(_parse("--device", device, "--no-bf16")).bf16 is False
+
+
+def test_regularization_flags_set_the_first_and_last_stage_or_every_stage():
+    cfg = config_from_args(_parse("--dropout", "0.05,0.3", "--randaug", "2", "--mixup", "0", "--no-bf16"))
+    assert (cfg.dropout, cfg.randaug, cfg.mixup) == ((0.05, 0.3), (2.0, 2.0), (0.0, 0.0))
+    stages = cfg.schedule()
+    assert (stages[0].dropout, stages[-1].dropout) == (0.05, 0.3)
+    assert {s.randaug_magnitude for s in stages} == {2.0} and {s.mixup_alpha for s in stages} == {0.0}
+    # A config saved with these flags resumes without a clash (lists in JSON, tuples here).
+    from serving.train.cli import _resume_config
+
+    assert _resume_config({"config": cfg.to_dict()}, _parse("--randaug", "2")) == cfg
+    with pytest.raises(SystemExit):
+        _parse("--mixup", "0.1,0.2,0.3")
+    with pytest.raises(RtqError, match=r"RandAugment magnitude is 0-10, got \(2.0, 12.0\)"):
+        config_from_args(_parse("--randaug", "2,12"))

@@ -36,7 +36,22 @@ _CONFIG_FLAGS = {
     "kd_weight": "kd_weight",
     "kd_temperature": "kd_temperature",
     "teacher_size": "teacher_size",
+    "dropout": "dropout",
+    "randaug": "randaug",
+    "mixup": "mixup",
 }
+
+
+def _first_last(text: str) -> tuple[float, float]:
+    """'FIRST,LAST' (the first and last stage's value) or one value for every stage."""
+    parts = text.split(",")
+    try:
+        values = [float(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected a number or FIRST,LAST (e.g. 0.1,0.2), got {text!r}")
+    return (values[0], values[-1])
 
 
 def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -67,6 +82,22 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=float,
         default=None,
         help=f"linear learning-rate warm-up (default: {d.warmup_epochs})",
+    )
+    reg = {"type": _first_last, "default": None, "metavar": "FIRST,LAST"}
+    sp.add_argument(
+        "--dropout",
+        **reg,
+        help=f"classifier dropout: first,last stage or one value (default: {_pair(d.dropout)})",
+    )
+    sp.add_argument(
+        "--randaug",
+        **reg,
+        help=f"RandAugment magnitude 0-10: first,last stage or one value (default: {_pair(d.randaug)})",
+    )
+    sp.add_argument(
+        "--mixup",
+        **reg,
+        help=f"mixup alpha: first,last stage or one value (default: {_pair(d.mixup)})",
     )
     sp.add_argument(
         "--init",
@@ -148,6 +179,10 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar (epoch lines still print)")
     sp.set_defaults(func=main)
     return sp
+
+
+def _pair(values: tuple[float, float]) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 def default_bf16(device: str) -> bool:
