@@ -219,17 +219,18 @@ def read_init_weights(
     where they came from (`init_origin`)."""
     from serving.models.weights import read_state_dict, state_dict_of
 
-    if path.suffix != ".pt" or not path.is_file():
-        return read_state_dict(path), init_origin(path, None)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - read_state_dict gives the one-line error
-        return read_state_dict(path), init_origin(path, None)
+    obj = None
+    if path.suffix == ".pt" and path.is_file():
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - read_state_dict gives the one-line error
+            obj = None
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         # Shapes alone would let a head trained on other classes in the same count load silently.
         check_checkpoint(obj, path, arch, classes, role="--init")
         return obj["ema"], init_origin(path, obj)
-    return state_dict_of(obj, path), init_origin(path, None)
+    weights = read_state_dict(path) if obj is None else state_dict_of(obj, path)
+    return weights, init_origin(path, None)
 
 
 def init_origin(path: Path, checkpoint: dict | None) -> dict:
