@@ -187,6 +187,35 @@ def test_compiled_fake_quantizers_compute_the_eager_values_and_gradients():
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+def test_compiled_fake_quantizers_stay_compiled_for_every_input_a_model_gives_them():
+    """Training and evaluation, 4-D maps from 1x1 (squeeze-excitation) to image-sized, the classifier's
+    2-D input, the image (no gradient), a short last batch: each kernel needs more graphs than
+    dynamo's default limit of 8, and past the limit dynamo runs the rest eager without an error."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # earlier tests' graphs would hide how many this one needs
+    kernels = _compiled()
+    before = dict(counters["frames"])
+    shapes = [(8, 16, 12, 12), (8, 3, 40, 40), (8, 32, 1, 1), (8, 64)]
+    shapes += [(3, 16, 12, 12), (1, 32, 1, 1), (3, 64)]  # a short last batch
+    w_shapes = [(16, 8, 3, 3), (24, 1, 3, 3), (32, 16, 1, 1), (10, 64), (16, 16, 3, 3)]
+    for training in (True, False):
+        with torch.set_grad_enabled(training):
+            for i, shape in enumerate(shapes):
+                x = torch.randn(shape).requires_grad_(training and i != 1)  # the image has no gradient
+                s, beta = (torch.tensor(v).requires_grad_(training) for v in (0.1, -0.2))
+                kernels.act(x, s, beta, 15)
+            for shape in w_shapes:
+                w = torch.randn(shape).requires_grad_(training)
+                c = shape[0]
+                s = torch.full((c, 1), 0.05).requires_grad_(training)
+                z = torch.zeros(c, 1).requires_grad_(training)
+                mask = torch.zeros(c, w[0].numel(), dtype=torch.bool)
+                kernels.weight(w.reshape(c, -1), s, z, mask, mask.float(), -8, 7)
+    frames = {k: v - before.get(k, 0) for k, v in counters["frames"].items()}
+    assert frames["ok"] == frames["total"], frames  # a frame past the limit counts in total, not in ok
+
+
 def test_fake_quantizers_fall_back_to_eager_when_compiling_fails_or_differs(monkeypatch):
     def broken(fn, **kwargs):
         def call(*args):
