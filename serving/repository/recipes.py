@@ -121,7 +121,8 @@ RECIPES: dict[str, Recipe] = {
         fp32_file=lambda src: src.onnx_fp32(),
         weight_stats=onnx_weight_stats,
         int8_method="onnxruntime.quantization.quantize_static: QDQ, per-channel s8 weights, "
-        "u8 activations, MinMax (per-image extremes averaged where activations are unbounded)",
+        "u8 activations; ranges cut at the 99.99th percentile where activations are unbounded "
+        "(sigmoid gates), else MinMax",
         lowbit=True,
     ),
     "openvino": Recipe(
