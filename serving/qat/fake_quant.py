@@ -89,7 +89,7 @@ def compiled_kernels(device: str = "cpu", log: Callable[[str], None] = print) ->
     step here. Fused, the step is faster (figures in README). A probe checks, before training starts,
     that the compiled kernels compute exactly the eager values (the integers that ship depend on it).
     """
-    # A model's quantizers need ~20 graphs per kernel (grad on/off, ranks 2 and 4, 1x1 maps, inputs
+    # V2-B0's quantizers need 8-11 graphs per kernel (grad on/off, ranks 2 and 4, 1x1 maps, inputs
     # with and without grad): at dynamo's default limit of 8 the rest ran eager, unfused.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     try:

@@ -5,9 +5,9 @@ Where activations are unbounded (SiLU/sigmoid gates, as in EfficientNetV2) the r
 single most extreme value: on our trained V2-B0 (88.24% FP32, imagenette val, 3,791 images)
 INT8 went from -0.70 points with the mean of per-image extremes (the earlier rule; -0.24 on the
 86.7% model) to -0.08 (1,000 calibration images, benchmarks/results/variants-20261207-122331.md;
-README lists the other settings tried). Where every
-activation is clipped (ReLU6, as in Lite0) the extremes are the real bounds and cutting them
-clips: averaging them cost Lite0 0.6 points on imagenet-val.
+README lists the other settings tried). Where every activation is clipped (ReLU6, as in Lite0) the
+extremes are the real bounds and cutting them clips: averaging them cost Lite0 0.6 points on
+imagenet-val.
 """
 
 from __future__ import annotations
