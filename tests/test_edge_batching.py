@@ -66,13 +66,19 @@ class GatedRunner:
     """A real runner whose compute waits for `gate`: holds a batch in flight for as long as a test
     needs, instead of hoping the machine is slow enough."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner, min_per_image_s: float = 0.0) -> None:
         self.inner = inner
         self.gate = threading.Event()
+        # A floor under compute time, for tests of ratios: a few ms of thread wake-up on a busy CI
+        # machine is 4x a 3 ms batch, but noise next to a 25 ms one.
+        self.min_per_image_s = min_per_image_s
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         assert self.gate.wait(30)
-        return self.inner.infer(x)
+        start = time.monotonic()
+        out = self.inner.infer(x)
+        time.sleep(max(0.0, start + self.min_per_image_s * x.shape[0] - time.monotonic()))
+        return out
 
     def close(self) -> None:
         self.inner.close()
@@ -313,7 +319,7 @@ def test_short_waits_that_ran_late_do_not_refuse_a_long_wait_that_fits(runner):
     that is large as a ratio) must not inflate them: at 150 req/s a swell of 11 requests was
     refused with its raw prediction at 64% of the deadline, multiplied by short waits' ratio 1.6."""
     rec = Recorder()
-    gated = GatedRunner(runner)
+    gated = GatedRunner(runner, min_per_image_s=0.025)  # CI's stalls made long waits 4x late at 3 ms
     gated.gate.set()
     batcher = ModelBatcher([gated], BatchPolicy(max_batch_size=1), rec.observer())
     key = 0
@@ -330,13 +336,13 @@ def test_short_waits_that_ran_late_do_not_refuse_a_long_wait_that_fits(runner):
                 key += 1
             rec.wait(key)
             wait_idle(batcher)
-        for _ in range(8):  # short waits, one in three held 30 ms (actual/predicted far above 4)
+        for _ in range(8):  # short waits, one in three held 150 ms (actual/predicted far above 4)
             gated.gate.clear()
             rec.taken.clear()
             batcher.submit(Pending(images(1, key), None, rec.done(key)))
             key += 1
             assert rec.taken.wait(10)
-            time.sleep(0.03)
+            time.sleep(0.15)
             gated.gate.set()
             for _ in range(2):  # ... and two not, so the median batch time stays a normal one's
                 rec.wait(key)
