@@ -543,18 +543,44 @@ def test_rtq_bench_qat_writes_the_ablation_table(tmp_path: Path, data_root: Path
         ablation.main(parser.parse_args(["--collect", str(tmp_path / "broken")]), "pytest")
 
 
-@pytest.mark.parametrize("stop", [1, 2], ids=["at-phase-end", "mid-phase"])
-def test_an_interrupted_qat_run_resumes_to_the_same_integers(tmp_path: Path, stop: int):
-    """Stopped after epoch 1 (the end of the 8-bit phase) or 2 (inside the 4-bit phase) of 3, resumed
-    from last.pt: the same student, integers and history as the run that was never stopped; the
-    checkpoint is gone once done."""
+def test_parameter_average_follows_the_ramped_decay_and_swaps_back():
+    from serving.qat.loop import ParameterAverage
+
+    m = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+        m.bias.fill_(0.0)
+    avg = ParameterAverage(m, 0.5)
+    expected = 1.0
+    for value in (3.0, 5.0, 7.0):
+        with torch.no_grad():
+            m.weight.fill_(value)
+        avg.update()
+        decay = min(0.5, (1 + avg.steps) / (10 + avg.steps))
+        expected = decay * expected + (1 - decay) * value
+    assert avg.averages[0][0, 0].item() == pytest.approx(expected)
+    avg.swap()
+    assert m.weight[0, 0].item() == pytest.approx(expected)
+    assert avg.averages[0][0, 0].item() == 7.0
+    again = ParameterAverage(m, 0.5, avg.state_dict())  # what a checkpoint restores
+    assert again.steps == 3 and again.averages[0][0, 0].item() == 7.0
+    avg.swap()
+    assert m.weight[0, 0].item() == 7.0
+
+
+@pytest.mark.parametrize(("stop", "ema"), [(1, 0.0), (2, 0.9)], ids=["at-phase-end", "mid-phase-averaged"])
+def test_an_interrupted_qat_run_resumes_to_the_same_integers(tmp_path: Path, stop: int, ema: float):
+    """Stopped after epoch 1 (the end of the 8-bit phase) or 2 (inside the 4-bit phase, whose weights
+    are averaged) of 3, resumed from last.pt: the same student, integers and history as the run that
+    was never stopped; the checkpoint is gone once done."""
     from serving.qat.integers import read_integers
     from serving.qat.loop import CHECKPOINT, read_checkpoint
 
     loaded = _teacher()
     cfg = QatConfig(
-        epochs=3, progressive=(8, 4), batch_size=16, calibration_images=16, image_size=RES, mixup=0.4
-    )
+        epochs=3, progressive=(8, 4), batch_size=16, calibration_images=16, image_size=RES, mixup=0.4,
+        ema_decay=ema,
+    )  # fmt: skip
     plan = preset_plan("w4a8")
     whole = run_qat(loaded, plan, _data(), cfg, tmp_path / "whole", workers=0, log=lambda m: None)
     assert not (tmp_path / "whole" / CHECKPOINT).exists()
@@ -573,6 +599,8 @@ def test_an_interrupted_qat_run_resumes_to_the_same_integers(tmp_path: Path, sto
                     command="first", resume=ckpt)  # fmt: skip
     assert not (tmp_path / "cut" / CHECKPOINT).exists()
     assert [h["val_top1"] for h in again.history] == [h["val_top1"] for h in whole.history]
+    # Only the last phase is averaged, and its epochs say what the last step alone scored.
+    assert ["val_top1_last_step" in h for h in whole.history] == [False, bool(ema), bool(ema)]
     assert again.summary["qat_top1"] == whole.summary["qat_top1"]
     assert again.summary["resumed_with"] == ["second"]
     a, _ = read_integers(whole.integers_path)

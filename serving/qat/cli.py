@@ -92,6 +92,13 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=d.mixup,
         help="Beta alpha of mixup on the training batches, 0 = off (default: 0)",
     )
+    sp.add_argument(
+        "--ema-decay",
+        type=float,
+        default=d.ema_decay,
+        help="evaluate and export an exponential average of the last phase's weights with this decay "
+        "per step, e.g. 0.998 (~the last 500 steps); 0 = the last step's (default: 0)",
+    )
     sp.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default: {d.batch_size}")
     sp.add_argument(
         "--image-size", type=int, default=None, help="training crops (default: serving resolution)"
@@ -209,7 +216,8 @@ def default_out(model: str, plan_name: str) -> Path:
 # given with another value than the checkpoint's: a resumed run continues the run it came from).
 _CONFIG_FLAGS = (
     "epochs", "progressive", "phase_epochs", "kd", "temperature", "lr", "step_lr", "batch_size", "mixup",
-    "image_size", "freeze_threshold", "calibration_images", "max_images", "max_val_images", "seed",
+    "ema_decay", "image_size", "freeze_threshold", "calibration_images", "max_images", "max_val_images",
+    "seed",
 )  # fmt: skip
 
 
@@ -297,6 +305,7 @@ def main(args: argparse.Namespace) -> int:
         step_lr=args.step_lr,
         batch_size=args.batch_size,
         mixup=args.mixup,
+        ema_decay=args.ema_decay,
         image_size=args.image_size,
         freeze_threshold=args.freeze_threshold,
         calibration_images=args.calibration_images,

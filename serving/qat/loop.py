@@ -102,6 +102,41 @@ def _lr_factor(step: int, total: int) -> float:
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+class ParameterAverage:
+    """An exponential average of a module's parameters (not its buffers: oscillation counters and
+    frozen masks are not quantities to average). Its decay ramps up from 0 as (1 + t) / (10 + t), so
+    the first steps after the start are not weighed by the starting point."""
+
+    def __init__(self, module: nn.Module, decay: float, state: dict | None = None) -> None:
+        self.decay = decay
+        self.params = [p for _, p in module.named_parameters()]
+        self.names = [n for n, _ in module.named_parameters()]
+        self.steps = int(state["steps"]) if state is not None else 0
+        if state is not None:  # a resumed run's
+            saved = state["averages"]
+            self.averages = [saved[n].to(p.device) for n, p in zip(self.names, self.params, strict=True)]
+        else:
+            self.averages = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.averages, [p.detach() for p in self.params], 1.0 - decay)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the live parameters with the averages in place (the same tensors: compiled
+        kernels see no new inputs); a second call swaps back."""
+        for p, a in zip(self.params, self.averages, strict=True):
+            live = p.detach().clone()
+            p.copy_(a)
+            a.copy_(live)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "averages": dict(zip(self.names, self.averages, strict=True))}
+
+
 def _batches(data: QatData, cfg: QatConfig, size: int, epoch: int, workers: int):
     from serving.train.data import Augment, AugmentedImages, EpochBatches, worker_init
 
@@ -241,6 +276,7 @@ def run_qat(
     starts = np.cumsum([0] + [p.epochs for p in phases])
     restored = resume is None or epoch == 0
     val = None  # the student's last evaluation, while its bits have not changed since
+    average: ParameterAverage | None = None  # of the last phase, when cfg.ema_decay asks for one
     for pi, phase in enumerate(phases):
         done_here = max(0, min(epoch - int(starts[pi]), phase.epochs))
         if not restored and done_here < phase.epochs:
@@ -262,6 +298,9 @@ def run_qat(
         step = done_here * steps_per_epoch
         if resume is not None and done_here:  # mid-phase: its optimizer goes on (a new phase starts afresh)
             opt.load_state_dict(resume["optimizer"])  # `base` was read before: the schedule's peak rates
+        if cfg.ema_decay and pi == len(phases) - 1:
+            kept = resume.get("average") if resume is not None and done_here else None
+            average = ParameterAverage(student, cfg.ema_decay, kept)
         for _ in range(phase.epochs - done_here):
             t0 = time.perf_counter()
             loss_sum, n_seen, frozen = 0.0, 0, 0
@@ -277,6 +316,8 @@ def run_qat(
                 lam = float(mix_rng.beta(cfg.mixup, cfg.mixup)) if cfg.mixup > 0 else 1.0
                 threshold = cfg.freeze_threshold if step >= freeze_from else None
                 loss, frozen = train_step(t_forward, student, layers, opt, cfg, x, y, lam, threshold)
+                if average is not None:
+                    average.update()
                 loss_sum += float(loss.detach()) * len(y)
                 n_seen += len(y)
                 step += 1
@@ -287,6 +328,11 @@ def run_qat(
                 bar.close()
             del loader
             val = evaluate(student, data, device)
+            live_top1 = val["top1"]
+            if average is not None:  # the average is what gets exported: its accuracy is the figure
+                average.swap()
+                val = evaluate(student, data, device)
+                average.swap()
             epoch += 1
             record = {
                 "epoch": epoch,
@@ -294,6 +340,7 @@ def run_qat(
                 "act_bits": phase.act_bits,
                 "loss": loss_sum / max(1, n_seen),
                 "val_top1": val["top1"],
+                **({"val_top1_last_step": live_top1} if average is not None else {}),
                 "frozen_weights": frozen,
                 "seconds": round(time.perf_counter() - t0, 1),
                 "images_per_second": round(n_seen / max(1e-9, time.perf_counter() - t0), 1),
@@ -306,13 +353,17 @@ def run_qat(
                     "command": command, "epoch": epoch, "history": history, "fp32": fp32,
                     "mix_rng": mix_rng.bit_generator.state, "student": student.state_dict(),
                     "optimizer": opt.state_dict(), "resumed_with": resumed_with,
+                    "average": average.state_dict() if average is not None else None,
                     "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                 })  # fmt: skip
+            averaged = f" (averaged; last step {live_top1:.4f})" if average is not None else ""
             log(
                 f"epoch {epoch}/{cfg.epochs} {tag}: loss {record['loss']:.4f} "
-                f"val top-1 {val['top1']:.4f} (FP32 {fp32['top1']:.4f}), {frozen} weights frozen, "
+                f"val top-1 {val['top1']:.4f}{averaged} (FP32 {fp32['top1']:.4f}), {frozen} weights frozen, "
                 f"{record['images_per_second']:.0f} img/s"
             )
+    if average is not None:
+        average.swap()  # for good: the export below writes the averaged student's integers
     final = val or evaluate(student, data, device)
     summary = {
         "model": loaded.spec.name,
