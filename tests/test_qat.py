@@ -486,7 +486,12 @@ def test_rtq_bench_qat_writes_the_ablation_table(tmp_path: Path, data_root: Path
     assert js.with_suffix(".png").read_bytes()[:4] == b"\x89PNG" and f"]({js.stem}.png)" in md
     lost = round((rows[1]["top1"] - rows[1]["top1_fp32"]) * 10)  # Δ as a count of the 10 val images
     assert f"| {rows[1]['delta_pts']:+.2f} | {lost:+d} |" in md
-    # The same grid again: both cells reused from their folders, nothing trained.
+    # The same grid again: both cells reused from their folders, nothing trained, even from logs
+    # written before a setting existed (it counts as its default).
+    for cell_log in (tmp_path / ".cache" / "qat" / "ablation").glob("*-w4a8-*/log.json"):
+        older = json.loads(cell_log.read_text())
+        del older["config"]["ema_decay"]
+        cell_log.write_text(json.dumps(older))
     assert ablation.main(args, "pytest again") == 0
     assert "finished earlier with these settings" in capsys.readouterr().out
     newest = max(tmp_path.glob("qat-ablation-*.json"), key=lambda f: f.stat().st_mtime_ns)
@@ -535,6 +540,12 @@ def test_rtq_bench_qat_writes_the_ablation_table(tmp_path: Path, data_root: Path
     newest = max(out.glob("qat-ablation-*.json"), key=lambda f: f.stat().st_mtime_ns)
     named = sorted(r["method"] for r in json.loads(newest.read_text())["rows"])
     assert named == ["qat-kd-progressive", "qat-kd-progressive-nofreeze"], named
+    log["config"]["ema_decay"] = 0.998  # ... and so is one that exported averaged weights
+    (longer / "log.json").write_text(json.dumps(log))
+    assert ablation.main(both, "pytest collect") == 0
+    newest = max(out.glob("qat-ablation-*.json"), key=lambda f: f.stat().st_mtime_ns)
+    named = sorted(r["method"] for r in json.loads(newest.read_text())["rows"])
+    assert named == ["qat-kd-progressive", "qat-kd-progressive-nofreeze-ema0.998"], named
     with pytest.raises(RtqError, match="no log.json"):
         ablation.main(parser.parse_args(["--collect", str(tmp_path)]), "pytest")
     (tmp_path / "broken").mkdir()

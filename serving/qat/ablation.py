@@ -65,6 +65,10 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument("--mixup", type=float, default=d.mixup, help="Beta alpha of mixup, 0 = off (default: 0)")
     sp.add_argument(
+        "--ema-decay", type=float, default=d.ema_decay,
+        help="export an exponential average of the last phase's weights, 0 = off (default: 0)",
+    )  # fmt: skip
+    sp.add_argument(
         "--no-freeze", dest="freeze_threshold", action="store_const", const=None, default=d.freeze_threshold,
         help="never pin oscillating weights",
     )  # fmt: skip
@@ -104,6 +108,7 @@ def method_of(config: dict) -> str:
     mix = f"-mixup{config['mixup']:g}" if config.get("mixup") else ""
     # Logs from before `--no-freeze` carry a threshold: they froze.
     mix += "-nofreeze" if "freeze_threshold" in config and config["freeze_threshold"] is None else ""
+    mix += f"-ema{config['ema_decay']:g}" if config.get("ema_decay") else ""
     if not widths:
         return "qat-kd" + mix
     prog = "progressive" if widths == [8, 4, 2] else f"progressive-{'-'.join(map(str, widths))}"
@@ -152,6 +157,10 @@ def collect(dirs: list[Path]) -> list[dict]:
 def _same_config(saved: dict, cfg) -> bool:
     from dataclasses import asdict
 
+    from serving.qat.config import QatConfig
+
+    # A field added since the cell was trained counts as its default: that is what the run did.
+    saved = {**asdict(QatConfig()), **saved}
     return json.loads(json.dumps(saved)) == json.loads(json.dumps(asdict(cfg)))
 
 
@@ -216,7 +225,7 @@ def main(args: argparse.Namespace, command: str) -> int:
     base = QatConfig(
         epochs=args.epochs, batch_size=args.batch_size, max_images=args.max_images,
         max_val_images=args.max_val_images, image_size=args.image_size, mixup=args.mixup,
-        freeze_threshold=args.freeze_threshold,
+        freeze_threshold=args.freeze_threshold, ema_decay=args.ema_decay,
     )  # fmt: skip
     grid = [(p, m) for p in args.precisions for m in args.methods]
     cells = [(p, m, preset_plan(p), replace(base, **METHODS[m])) for p, m in grid]
