@@ -455,6 +455,8 @@ def export(
         prog += f" ({'+'.join(map(str, cfg.phase_epochs))} epochs)"
     if cfg.mixup:
         prog += f", mixup {cfg.mixup:g}"
+    if cfg.ema_decay:
+        prog += f", weights averaged (EMA {cfg.ema_decay:g})"
     deploy = {
         "name": name,
         "method": "qat",
