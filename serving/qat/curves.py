@@ -32,14 +32,13 @@ def plot_run(history: list[dict], fp32_top1: float, title: str, path: Path) -> N
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     epochs = [h["epoch"] for h in history]
     ax_loss.plot(epochs, [h["loss"] for h in history], color="tab:blue", lw=1)
-    averaged = any("val_top1_last_step" in h for h in history)
+    last_step = [h for h in history if "val_top1_last_step" in h]  # --ema-decay: the unaveraged student
     ax_acc.plot(epochs, [100 * h["val_top1"] for h in history], color="tab:blue", lw=1,
-                label="averaged (exported)" if averaged else None)  # fmt: skip
+                label="averaged (exported)" if last_step else None)  # fmt: skip
     for h in history:
         m = _MARKERS.get(h["weight_bits"], "o")
         ax_loss.plot(h["epoch"], h["loss"], m, color="tab:blue")
         ax_acc.plot(h["epoch"], 100 * h["val_top1"], m, color="tab:blue")
-    last_step = [h for h in history if "val_top1_last_step" in h]  # --ema-decay: the unaveraged student
     if last_step:
         ax_acc.plot([h["epoch"] for h in last_step], [100 * h["val_top1_last_step"] for h in last_step],
                     "x--", color="tab:grey", lw=0.8, label="last step (not averaged)")  # fmt: skip

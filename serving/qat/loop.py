@@ -105,12 +105,14 @@ def _lr_factor(step: int, total: int) -> float:
 class ParameterAverage:
     """An exponential average of a module's parameters (not its buffers: oscillation counters and
     frozen masks are not quantities to average). Its decay ramps up from 0 as (1 + t) / (10 + t), so
-    the first steps after the start are not weighed by the starting point."""
+    the first steps after the start are not weighed by the starting point.
+
+    Not torch's AveragedModel: that keeps a second module, while evaluation and export here go
+    through the student's own (compiled) quantizers, so the averages are swapped into it in place."""
 
     def __init__(self, module: nn.Module, decay: float, state: dict | None = None) -> None:
         self.decay = decay
-        self.params = [p for _, p in module.named_parameters()]
-        self.names = [n for n, _ in module.named_parameters()]
+        self.names, self.params = map(list, zip(*module.named_parameters(), strict=True))
         self.steps = int(state["steps"]) if state is not None else 0
         if state is not None:  # a resumed run's
             saved = state["averages"]
