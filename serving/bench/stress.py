@@ -449,7 +449,8 @@ class OverloadResult:
     server_answers: dict[str, int] = field(default_factory=dict)
     max_queue_depth: float | None = None
     queue_samples: int = 0
-    # After the burst: p99 per window and when it is back within recovery_factor x baseline p99.
+    # After the burst: p99 per window and when it is back within the threshold: recovery_factor x
+    # baseline p99, or recovery_floor_ms where that is higher.
     recovery_threshold_ms: float | None = None
     recovery_p99_ms: list[float | None] = field(default_factory=list)
     recovery_s: float | None = None  # None: not back within the recovery phase
@@ -486,6 +487,7 @@ def run_overload(
     recovery_s: float = 10.0,
     window_s: float = 0.5,
     recovery_factor: float = 1.5,
+    recovery_floor_ms: float = 0.0,
     hold_s: float = 2.0,
     payload: bytes | None = None,
     refusal_limit_ms: float = 5.0,
@@ -494,7 +496,9 @@ def run_overload(
 
     Refusal speed counts from the send (the server's answer time); admitted latency counts from the
     due time. "Recovered" is the first window after the burst from which `hold_s` of windows have
-    only OK answers and a p99 within recovery_factor x the baseline p99.
+    only OK answers and a p99 within recovery_factor x the baseline p99, or within
+    `recovery_floor_ms` (a noise floor for shared machines, where a half-second window's p99 swings
+    by tens of ms while the burst's backlog sits at the SLO).
     """
     payload = payload or infer_request(model)
     base_rate = baseline_fraction * capacity_rps
@@ -565,7 +569,8 @@ def run_overload(
         result.queue_samples = len(depth.samples)
 
     if result.baseline_p99_ms is not None:
-        result.recovery_threshold_ms = round(recovery_factor * result.baseline_p99_ms, 3)
+        threshold = max(recovery_factor * result.baseline_p99_ms, recovery_floor_ms)
+        result.recovery_threshold_ms = round(threshold, 3)
         n_windows = max(1, int(recovery_s / window_s))
         good: list[bool] = []
         for i in range(n_windows):
