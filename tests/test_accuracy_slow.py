@@ -14,10 +14,19 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def lite0_full(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dict[str, dict]:
-    spec = parse_spec({"models": [{"model": "efficientnet_lite0"}], "calibration_images": 300},
-                      "tests/test_accuracy_slow.py")
-    manifests = build(spec, tmp_path_factory.mktemp("repo"), "pytest -m slow", data_root,
-                      tmp_path_factory.mktemp("cache"), progress=False, log=lambda m: None)
+    spec = parse_spec(
+        {"models": [{"model": "efficientnet_lite0"}], "calibration_images": 300},
+        "tests/test_accuracy_slow.py",
+    )
+    manifests = build(
+        spec,
+        tmp_path_factory.mktemp("repo"),
+        "pytest -m slow",
+        data_root,
+        tmp_path_factory.mktemp("cache"),
+        progress=False,
+        log=lambda m: None,
+    )
     return {m["variant"]: m for m in manifests}
 
 

@@ -138,8 +138,14 @@ def main(args: argparse.Namespace, command: str) -> int:
         for plan in plans:
             t0 = time.perf_counter()
             dst = work / f"{plan.name}.onnx"
-            info = build_lowbit(fp32_path, plan, calib, dst, log=lambda m: None if args.quiet else print(m),
-                                cache_dir=PROJECT_ROOT / ".cache" / "lowbit")
+            info = build_lowbit(
+                fp32_path,
+                plan,
+                calib,
+                dst,
+                log=lambda m: None if args.quiet else print(m),
+                cache_dir=PROJECT_ROOT / ".cache" / "lowbit",
+            )
             bits = set(info["layer_bits"].values())
             candidates.append((plan.name, plan.method, len(bits) > 1, dst, time.perf_counter() - t0, info))
         fp32_bytes = fp32_path.stat().st_size

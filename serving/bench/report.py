@@ -327,10 +327,7 @@ def _html(result: dict, md: str, pngs: list[Path]) -> str:
             f"<li>{html.escape(generator_summary(gen, m).replace('**', ''))}</li>" for m in gen["by_input"]
         )
         cols.append(f"<div class='col'><h2>load generator (vs an empty server)</h2><ul>{items}</ul></div>")
-    imgs = "".join(
-        f"<img alt='{html.escape(p.stem)}' src='data:image/png;base64,{_b64(p)}'>"
-        for p in pngs
-    )
+    imgs = "".join(f"<img alt='{html.escape(p.stem)}' src='data:image/png;base64,{_b64(p)}'>" for p in pngs)
     status = "complete" if result["complete"] else "INCOMPLETE: " + "; ".join(result["incomplete_reasons"])
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>rtq real-time benchmark</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} .cols{{display:flex;gap:1.5em;flex-wrap:wrap}}

@@ -23,23 +23,54 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--weights", default=None, help="local checkpoint (default: the zoo's)")
     sp.add_argument("--images", type=int, default=256, help="imagenet-calib images (default: 256)")
     sp.add_argument("--bits", type=int, nargs="+", default=[2, 4], help="weight widths (default: 2 4)")
-    sp.add_argument("--act-bits", type=int, nargs="*", default=[4, 8],
-                    help="activation widths (default: 4 8; none to skip)")
+    sp.add_argument(
+        "--act-bits",
+        type=int,
+        nargs="*",
+        default=[4, 8],
+        help="activation widths (default: 4 8; none to skip)",
+    )
     sp.add_argument("--out", default=str(default_results_dir()), help="results folder (default: %(default)s)")
-    sp.add_argument("--from", dest="from_json", default=None, metavar="JSON",
-                    help="reuse a sensitivity result instead of measuring again")
-    sp.add_argument("--allocate", type=_ratio, nargs="+", default=[], metavar="RATIO",
-                    help="write a mixed-precision plan per target compression ratio vs FP32 (e.g. 5.5 8)")
-    sp.add_argument("--widths", type=int, nargs="+", default=[2, 4, 8],
-                    help="widths the allocation may use (default: 2 4 8)")
+    sp.add_argument(
+        "--from",
+        dest="from_json",
+        default=None,
+        metavar="JSON",
+        help="reuse a sensitivity result instead of measuring again",
+    )
+    sp.add_argument(
+        "--allocate",
+        type=_ratio,
+        nargs="+",
+        default=[],
+        metavar="RATIO",
+        help="write a mixed-precision plan per target compression ratio vs FP32 (e.g. 5.5 8)",
+    )
+    sp.add_argument(
+        "--widths",
+        type=int,
+        nargs="+",
+        default=[2, 4, 8],
+        help="widths the allocation may use (default: 2 4 8)",
+    )
     # Choices spelled out: plan.METHODS would import onnx while every rtq command builds its parser.
-    sp.add_argument("--method", default=None, choices=["rtn", "rtn-bc", "adaround", "adaround-oc"],
-                    help="rounding method of allocated plans (default: adaround)")
-    sp.add_argument("--asymmetric", action="store_true",
-                    help="allocated plans give weights below 8 bits a per-channel zero point "
-                         "(at 2 bits a symmetric grid has one positive level: -2, -1, 0, 1)")
-    sp.add_argument("--plan-dir", default=str(PROJECT_ROOT / "specs" / "plans"),
-                    help="where allocated plans go (default: %(default)s)")
+    sp.add_argument(
+        "--method",
+        default=None,
+        choices=["rtn", "rtn-bc", "adaround", "adaround-oc"],
+        help="rounding method of allocated plans (default: adaround)",
+    )
+    sp.add_argument(
+        "--asymmetric",
+        action="store_true",
+        help="allocated plans give weights below 8 bits a per-channel zero point "
+        "(at 2 bits a symmetric grid has one positive level: -2, -1, 0, 1)",
+    )
+    sp.add_argument(
+        "--plan-dir",
+        default=str(PROJECT_ROOT / "specs" / "plans"),
+        help="where allocated plans go (default: %(default)s)",
+    )
     sp.add_argument("--list-layers", action="store_true", help="print the quantizable layers and exit")
 
 
@@ -86,6 +117,14 @@ def main(args: argparse.Namespace, command: str) -> int:
             print(f"{h['verdict']:>14}: {h['hypothesis']}")
     if args.allocate:
         widths = tuple(args.widths)
-        allocate_plans(args.model, args.weights, results, args.allocate, widths, Path(args.plan_dir),
-                       method=args.method or "adaround", symmetric=not args.asymmetric)
+        allocate_plans(
+            args.model,
+            args.weights,
+            results,
+            args.allocate,
+            widths,
+            Path(args.plan_dir),
+            method=args.method or "adaround",
+            symmetric=not args.asymmetric,
+        )
     return 0

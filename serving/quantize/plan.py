@@ -95,9 +95,7 @@ def parse_plan(data: object, source: str = "<inline>") -> PrecisionPlan:
         raise RtqError(f"plan {source} has unknown field(s) {unknown}; allowed: {sorted(_TOP)}")
     name = data.get("name")
     if not isinstance(name, str) or not _NAME.match(name) or name in ("fp32", "fp16", "int8"):
-        raise RtqError(
-            f"plan {source}: name {name!r} must be lower-case letters/digits, not fp32/fp16/int8"
-        )
+        raise RtqError(f"plan {source}: name {name!r} must be lower-case letters/digits, not fp32/fp16/int8")
     method = data.get("method", "adaround")
     if method not in METHODS:
         raise RtqError(f"plan {source}: method {method!r} unknown; expected one of {list(METHODS)}")

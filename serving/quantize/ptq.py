@@ -90,17 +90,21 @@ def _pad(layer: Layer, x: np.ndarray) -> torch.Tensor:
 def _sampler(layer: Layer, xq: torch.Tensor, xf: torch.Tensor, rng: np.random.Generator):
     """Batches of (quantized-path input, FP input) crops; valid convs on both give matching outputs."""
     if layer.op == "Gemm":
+
         def sample():
             idx = torch.from_numpy(rng.integers(0, len(xq), size=min(256, len(xq))))
             return xq[idx], xf[idx]
+
         return sample
     k, s = layer.shape[-1], layer.strides[0]
     crop = (_TILE - 1) * s + k
     h, w = xq.shape[-2:]
     if h <= 2 * crop:
+
         def sample():
             idx = torch.from_numpy(rng.integers(0, len(xq), size=min(16, len(xq))))
             return xq[idx], xf[idx]
+
         return sample
 
     def sample():
@@ -111,6 +115,7 @@ def _sampler(layer: Layer, xq: torch.Tensor, xf: torch.Tensor, rng: np.random.Ge
         a = torch.stack([xq[i, :, y : y + crop, x : x + crop] for i, y, x in zip(imgs, ys, xs, strict=True)])
         b = torch.stack([xf[i, :, y : y + crop, x : x + crop] for i, y, x in zip(imgs, ys, xs, strict=True)])
         return a, b
+
     return sample
 
 
@@ -142,8 +147,9 @@ def input_moment(
     return total / max(count, 1)
 
 
-def _output_mse(layer: Layer, qw: QuantizedWeight, w: np.ndarray, b: np.ndarray | None,
-                xq: np.ndarray, xf: np.ndarray) -> float:
+def _output_mse(
+    layer: Layer, qw: QuantizedWeight, w: np.ndarray, b: np.ndarray | None, xq: np.ndarray, xf: np.ndarray
+) -> float:
     """Relative output error of the quantized layer on (quantized-path input) against FP32."""
     wt = torch.from_numpy(w.astype(np.float32))
     bt = torch.from_numpy(b.astype(np.float32)) if b is not None else None
@@ -154,8 +160,15 @@ def _output_mse(layer: Layer, qw: QuantizedWeight, w: np.ndarray, b: np.ndarray 
 
 
 def adaround(
-    layer: Layer, w: np.ndarray, b: np.ndarray | None, qw: QuantizedWeight, xq: np.ndarray,
-    xf: np.ndarray, iters: int = ADAROUND_ITERS, lam: float = 0.01, seed: int = 0,
+    layer: Layer,
+    w: np.ndarray,
+    b: np.ndarray | None,
+    qw: QuantizedWeight,
+    xq: np.ndarray,
+    xf: np.ndarray,
+    iters: int = ADAROUND_ITERS,
+    lam: float = 0.01,
+    seed: int = 0,
 ) -> QuantizedWeight:
     """Learn up/down rounding on qw's grid so the layer's output matches FP32's."""
     torch.manual_seed(seed)
@@ -195,8 +208,14 @@ def adaround(
 
 
 def validated_rounding(
-    layer: Layer, w: np.ndarray, b: np.ndarray | None, qw: QuantizedWeight, xq: np.ndarray,
-    xf: np.ndarray, iters: int = ADAROUND_ITERS, held_out: float = 0.2,
+    layer: Layer,
+    w: np.ndarray,
+    b: np.ndarray | None,
+    qw: QuantizedWeight,
+    xq: np.ndarray,
+    xf: np.ndarray,
+    iters: int = ADAROUND_ITERS,
+    held_out: float = 0.2,
 ) -> tuple[QuantizedWeight, str]:
     """AdaRound fitted on most calibration images, kept only if it beats rounding-to-nearest on the rest.
 
@@ -232,7 +251,10 @@ def corrected_bias(layer: Layer, w: np.ndarray, wq: np.ndarray, b: np.ndarray | 
 
 
 def quantize_layers(
-    model: onnx.ModelProto, plan: PrecisionPlan, calib: np.ndarray, log: Log = print,
+    model: onnx.ModelProto,
+    plan: PrecisionPlan,
+    calib: np.ndarray,
+    log: Log = print,
     iters: int = ADAROUND_ITERS,
 ) -> list[QuantizedLayer]:
     """Quantize every layer per the plan, in graph order; AdaRound only below 8 bits."""

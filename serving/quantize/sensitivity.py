@@ -84,9 +84,13 @@ def activation_ranges(model: onnx.ModelProto, layers: list[Layer], x: np.ndarray
 
 
 def measure(
-    model: onnx.ModelProto, x: np.ndarray, weight_bits: tuple[int, ...] = (2, 4),
-    act_bits: tuple[int, ...] = (4, 8), progress: bool = True,
-    on_result: Callable[[Sensitivity], None] | None = None, only: set[str] | None = None,
+    model: onnx.ModelProto,
+    x: np.ndarray,
+    weight_bits: tuple[int, ...] = (2, 4),
+    act_bits: tuple[int, ...] = (4, 8),
+    progress: bool = True,
+    on_result: Callable[[Sensitivity], None] | None = None,
+    only: set[str] | None = None,
 ) -> list[Sensitivity]:
     every = layers_of(model)
     layers = [layer for layer in every if only is None or layer.name in only]
@@ -107,8 +111,16 @@ def measure(
         out = logits(candidate, x)
         depth = [lay.name for lay in every].index(layer.name) / max(len(every) - 1, 1)
         agreement = round(float((out.argmax(1) == ref_top1).mean()), 4)
-        r = Sensitivity(layer.name, layer.component, layer.params, round(depth, 3), kind, bits,
-                        agreement, round(kl_divergence(ref, out), 5))
+        r = Sensitivity(
+            layer.name,
+            layer.component,
+            layer.params,
+            round(depth, 3),
+            kind,
+            bits,
+            agreement,
+            round(kl_divergence(ref, out), 5),
+        )
         results.append(r)
         if on_result:
             on_result(r)
@@ -147,10 +159,18 @@ def hypotheses(results: list[Sensitivity], bits: int = 4) -> list[dict]:
     late = [r for r in body if r.depth >= 0.5]
     checks = [
         ("depthwise layers are more tolerant than pointwise expansions", med(dw), med(pw), med(dw) < med(pw)),
-        ("pointwise expansions and SE are more sensitive than the body median",
-         med(pw + se), med(body), med(pw + se) > med(body)),
-        ("first and last layers are critical (above the body median)", med(ends), med(body),
-         med(ends) > med(body)),
+        (
+            "pointwise expansions and SE are more sensitive than the body median",
+            med(pw + se),
+            med(body),
+            med(pw + se) > med(body),
+        ),
+        (
+            "first and last layers are critical (above the body median)",
+            med(ends),
+            med(body),
+            med(ends) > med(body),
+        ),
         ("early blocks are more tolerant than late blocks", med(early), med(late), med(early) < med(late)),
     ]
     return [

@@ -69,7 +69,10 @@ class ModelWork:
 
             dst = self.workdir / f"{plan}.onnx"
             self.lowbit_info[plan] = build_lowbit(
-                self.onnx_fp32(), self.plans[plan], self.calibration, dst,
+                self.onnx_fp32(),
+                self.plans[plan],
+                self.calibration,
+                dst,
                 log=lambda msg: self.log(f"{self.loaded.spec.name} {plan}: {msg}"),
                 cache_dir=self.cache_dir / "lowbit",
             )
@@ -239,7 +242,10 @@ def _prepare(
     work.eval_images, work.eval_labels = images, labels[: len(images)]
     work.eval_uint8 = load_uint8(images, pp, progress)
     work.ref5 = reference_top5(
-        loaded, work.eval_uint8, [str(it.path.name) for it in images.items], cache_dir / "reference",
+        loaded,
+        work.eval_uint8,
+        [str(it.path.name) for it in images.items],
+        cache_dir / "reference",
         progress,
     )
     return work
