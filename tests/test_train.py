@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -371,6 +373,24 @@ def test_cached_arrays_hold_the_decoded_images(straight_run: Path, cache_dir: Pa
     assert train_arr.shape == (40, 3, 160, 160) and train_arr.dtype == np.uint8
     first = sorted((imagenette / "imagenette" / "train" / "n01440764").iterdir())[0]
     assert np.array_equal(train_arr[0], np.asarray(Image.open(first).convert("RGB")).transpose(2, 0, 1))
+
+
+def test_augmentation_is_built_before_loader_workers_fork():
+    # A worker that imported torchvision's transforms itself once hung on a lock held at fork time.
+    code = """
+import sys
+import numpy as np
+import torch
+from serving.train.data import Augment, AugmentedImages
+assert "torchvision.transforms.v2" not in sys.modules
+rng = np.random.default_rng(0)
+images = rng.integers(0, 255, (2, 3, 40, 40), np.uint8)
+ds = AugmentedImages(images, np.array([0, 1]), Augment(24, 0.5, 2, 5.0))
+assert "torchvision.transforms.v2" in sys.modules
+x, _ = next(iter(torch.utils.data.DataLoader(ds, batch_sampler=[[(1, 7)]], num_workers=1)))
+assert x.shape == (1, 3, 24, 24) and torch.equal(x[0], ds[(1, 7)][0])
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 def test_replace_keeps_config_validation():

@@ -197,15 +197,15 @@ class AugmentedImages(Dataset):
         self.images = images
         self.labels = labels
         self.aug = aug
-        self._transform = None
+        # Built here, in the parent: a loader worker forked from a trainer with live compile
+        # threads hung for good importing torchvision's transforms (a lock held at fork time).
+        self._transform = build_transform(aug)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = item
-        if self._transform is None:
-            self._transform = build_transform(self.aug)
         img = torch.from_numpy(np.array(self.images[index]))
         # fork_rng keeps the trainer's own RNG stream untouched when there are no loader workers.
         with torch.random.fork_rng(devices=[]):
