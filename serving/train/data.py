@@ -196,7 +196,6 @@ class AugmentedImages(Dataset):
     def __init__(self, images: np.ndarray, labels: np.ndarray, aug: Augment) -> None:
         self.images = images
         self.labels = labels
-        self.aug = aug
         # Built here, in the parent: a loader worker forked from a trainer with live compile
         # threads hung for good importing torchvision's transforms (a lock held at fork time).
         self._transform = build_transform(aug)
