@@ -24,7 +24,7 @@ from serving.models.zoo import (
 from serving.qat.config import QatConfig
 from serving.qat.loop import _loss as qat_loss
 from serving.train.config import TrainConfig
-from serving.train.distill import distillation_loss, load_teacher, teacher_logits
+from serving.train.distill import distillation_loss, load_teacher, quantize_teacher, teacher_logits
 from serving.train.loop import RunOptions, read_checkpoint, train
 
 TEACHER = "efficientnet_lite0"
@@ -75,6 +75,37 @@ def test_teacher_size_resizes_the_batch(imagenette: Path, teacher):
     assert not torch.allclose(small_logits, big_logits, atol=1e-2)
 
 
+def test_int8_teacher_is_quantized_and_keeps_the_f32_answers(imagenette: Path, teacher):
+    pp = replace(get_spec("efficientnetv2_b0_imagenette").preprocessing, resolution=160)
+    frames = np.stack(
+        [
+            resize_crop(load_image(p), pp)
+            for wnid in IMAGENETTE_WNIDS
+            for p in sorted((imagenette / "imagenette" / "train" / wnid).iterdir())[:4]
+        ]
+    ).astype(np.uint8)
+    int8, kept = quantize_teacher(replace(teacher, size=128), frames, threads=1)
+    assert int8.precision == "int8" and teacher.precision == "f32"
+    x, labels = _val_batch(imagenette, per_class=3, size=112)
+    f32_logits = teacher_logits(replace(teacher, size=128), x, IMAGENET_MEAN, IMAGENET_STD)
+    int8_logits = teacher_logits(int8, x, IMAGENET_MEAN, IMAGENET_STD)
+    # Really quantized (other logits), yet the same teacher: nearly every answer kept.
+    assert not torch.allclose(f32_logits, int8_logits, atol=1e-2)
+    assert (int8_logits.argmax(1) == f32_logits.argmax(1)).float().mean() >= 0.9
+    assert (int8_logits.argmax(1) == labels).float().mean() >= 0.85
+    assert 0.9 <= kept <= 1.0
+    with pytest.raises(RtqError, match="an int8 teacher runs on OpenVINO on the CPU"):
+        quantize_teacher(replace(teacher, graph=None, runtime="torch"), frames)
+
+
+def test_teacher_precision_is_checked_and_old_checkpoints_keep_f32():
+    with pytest.raises(RtqError, match="--teacher-precision must be one of f32, int8, got 'fp8'"):
+        TrainConfig(teacher=TEACHER, teacher_precision="fp8")
+    old = TrainConfig(teacher=TEACHER).to_dict()
+    del old["teacher_precision"]
+    assert TrainConfig.from_dict(old).teacher_precision == "f32"
+
+
 def test_distillation_loss_is_zero_only_when_the_student_agrees():
     torch.manual_seed(0)
     t = torch.randn(8, 10)
@@ -122,14 +153,16 @@ def test_tiny_distilled_run_logs_the_teacher_and_keeps_it_in_checkpoint_and_mani
         teacher=TEACHER,
         kd_weight=0.7,
         kd_temperature=2.0,
+        teacher_precision="int8",
     )
+    messages: list[str] = []
     opts = RunOptions(
         out=tmp_path / "run",
         cache_dir=tmp_path / "cache",
         data_root=imagenette,
         progress=False,
         command="pytest distilled run",
-        log=lambda msg: None,
+        log=messages.append,
         threads=1,
         workers=0,
     )
@@ -140,5 +173,8 @@ def test_tiny_distilled_run_logs_the_teacher_and_keeps_it_in_checkpoint_and_mani
     assert np.isfinite(epoch["train_loss"]) and epoch["train_loss"] > 0
     manifest = json.loads(Path(summary["exported"]).with_suffix(".json").read_text())
     assert manifest["config"]["teacher"] == TEACHER and manifest["config"]["kd_weight"] == 0.7
+    assert manifest["config"]["teacher_precision"] == "int8"
+    assert 0 <= summary["teacher_int8_top1_agreement"] <= 1
+    assert any(m.startswith("teacher quantized to int8 on 32 train images") for m in messages)
     ckpt = read_checkpoint(tmp_path / "run" / "last.pt")
     assert TrainConfig.from_dict(ckpt["config"]) == cfg

@@ -10,7 +10,7 @@ from pathlib import Path
 from serving.cli import _positive  # one argparse type for every rtq command
 from serving.errors import RtqError
 from serving.settings import DATA_ROOT_ENV, PROJECT_ROOT
-from serving.train.config import DEFAULT_NAME, TrainConfig
+from serving.train.config import DEFAULT_NAME, TEACHER_PRECISIONS, TrainConfig
 
 DEFAULT_EXPORT = PROJECT_ROOT / "weights" / f"{DEFAULT_NAME}.safetensors"
 _DEFAULTS = TrainConfig()
@@ -36,6 +36,7 @@ _CONFIG_FLAGS = {
     "kd_weight": "kd_weight",
     "kd_temperature": "kd_temperature",
     "teacher_size": "teacher_size",
+    "teacher_precision": "teacher_precision",
     "dropout": "dropout",
     "randaug": "randaug",
     "mixup": "mixup",
@@ -146,6 +147,13 @@ def add_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"teacher input side, the batch resized; 0: the student's size (default: {d.teacher_size})",
+    )
+    sp.add_argument(
+        "--teacher-precision",
+        choices=TEACHER_PRECISIONS,
+        default=None,
+        help="int8: the teacher quantized by NNCF on 300 of the run's train images, 1.65x faster on the CPU "
+        f"(OpenVINO only) (default: {d.teacher_precision})",
     )
     sp.add_argument(
         "--out", type=Path, default=None, help="checkpoint and log folder (default: .cache/train/<name>)"

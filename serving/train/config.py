@@ -15,6 +15,7 @@ from serving.errors import RtqError
 DEFAULT_NAME = "efficientnetv2_b0_imagenette"
 # The one architecture `rtq train` trains (the zoo entry above registers its output).
 ARCH = "tf_efficientnetv2_b0"
+TEACHER_PRECISIONS = ("f32", "int8")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ class TrainConfig:
     kd_temperature: float = 1.0
     # The teacher's input side (the student's batch resized); 0: the student's own size.
     teacher_size: int = 0
+    # "int8": the teacher quantized by NNCF on the run's own train images (OpenVINO on the CPU):
+    # 1.65x faster than f32 at 160 px here, top-1 agreeing on 99% of images. "f32": as trained.
+    teacher_precision: str = "f32"
 
     def __post_init__(self) -> None:
         checks = [
@@ -116,6 +120,11 @@ class TrainConfig:
             (0 <= self.kd_weight <= 1, f"--kd-weight must be in [0, 1], got {self.kd_weight}"),
             (self.kd_temperature > 0, f"--kd-temperature must be positive, got {self.kd_temperature}"),
             (self.teacher_size >= 0, f"--teacher-size must be 0 or more, got {self.teacher_size}"),
+            (
+                self.teacher_precision in TEACHER_PRECISIONS,
+                f"--teacher-precision must be one of {', '.join(TEACHER_PRECISIONS)}, "
+                f"got {self.teacher_precision!r}",
+            ),
         ]
         for limit in (self.max_images, self.max_val_images, self.val_images_per_epoch):
             checks.append((limit is None or limit > 0, f"image limits must be positive, got {limit}"))
@@ -163,6 +172,8 @@ class TrainConfig:
         if unknown:
             raise RtqError(f"checkpoint config has unknown fields {unknown} (from another rtq version)")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        # Checkpoints from before the field existed distilled from the f32 teacher.
+        values.setdefault("teacher_precision", "f32")
         return cls(**values)
 
 

@@ -10,7 +10,8 @@ labels precomputed on the whole image disagree with a random crop of a quarter o
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ class Teacher:
     std: torch.Tensor
     size: int  # input side; 0 runs the teacher at the student's size
     runtime: str
+    graph: Any = None  # the OpenVINO model (CPU only): what int8 quantization starts from
+    precision: str = "f32"
 
 
 def load_teacher(
@@ -59,8 +62,10 @@ def load_teacher(
     module = loaded.module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
+    graph = None
     if device == "cpu":
-        forward, runtime = openvino_forward(module, threads), "openvino"
+        graph = openvino_graph(module)
+        forward, runtime = openvino_forward(graph, threads), "openvino"
     else:
         forward, runtime = _torch_forward(module.to(device)), "torch"
     pp = spec.preprocessing
@@ -72,17 +77,23 @@ def load_teacher(
         std=torch.tensor(pp.std, dtype=torch.float32, device=device).view(1, 3, 1, 1),
         size=size,
         runtime=runtime,
+        graph=graph,
     )
 
 
-def openvino_forward(module: nn.Module, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def openvino_graph(module: nn.Module) -> Any:
     # On the CPU the teacher runs on OpenVINO: 2-2.5x faster than eager PyTorch for Lite0 here (2.1 vs
     # 5.1 ms per image at 112 px, batch 64, 2 threads; PyTorch's emulated bf16 was 16x slower still).
     import openvino as ov
 
+    return ov.convert_model(module, example_input=torch.zeros(1, 3, 64, 64), input=TEACHER_BATCH_SHAPE)
+
+
+def openvino_forward(graph: Any, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    import openvino as ov
+
     from serving.runtimes.signal_stack import keep_signal_stack
 
-    graph = ov.convert_model(module, example_input=torch.zeros(1, 3, 64, 64), input=TEACHER_BATCH_SHAPE)
     # f32 keeps the teacher's logits those of the PyTorch model (bf16 was no faster without AMX).
     with keep_signal_stack():  # the CPU plugin is created here: see serving/runtimes/signal_stack.py
         compiled = ov.Core().compile_model(
@@ -105,6 +116,35 @@ def _torch_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
             return module(x.contiguous(memory_format=torch.channels_last)).float()
 
     return forward
+
+
+def quantize_teacher(
+    teacher: Teacher, images: np.ndarray, threads: int = 2, batch: int = 64
+) -> tuple[Teacher, float]:
+    """The teacher with INT8 weights and activations (NNCF, calibrated on `images`: N x 3 x H x W uint8
+    train images, whole frames), and the share of those images whose top-1 over the data's classes
+    it keeps. Calibrated on the run's own data, not ImageNet: these are the inputs it will see."""
+    if teacher.graph is None:
+        raise RtqError(
+            f"an int8 teacher runs on OpenVINO on the CPU; {teacher.name} runs on {teacher.runtime} here "
+            "(use --teacher-precision f32)"
+        )
+    from serving.quantize.int8_openvino import quantize_int8
+
+    x = torch.from_numpy(images).float()
+    x = (x - teacher.mean.cpu()) / teacher.std.cpu()
+    if teacher.size and teacher.size != x.shape[-1]:
+        x = F.interpolate(x, size=(teacher.size, teacher.size), mode="bilinear", antialias=True)
+    quantized = quantize_int8(teacher.graph, x.contiguous().numpy())
+    int8 = replace(teacher, forward=openvino_forward(quantized, threads), precision="int8")
+    kept = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            xb = x[i : i + batch].contiguous()
+            ref = teacher.forward(xb)[:, teacher.class_index.cpu()].argmax(1)
+            got = int8.forward(xb)[:, teacher.class_index.cpu()].argmax(1)
+            kept += int((ref == got).sum())
+    return int8, kept / max(1, len(x))
 
 
 @torch.no_grad()

@@ -45,6 +45,8 @@ from serving.train.distill import distillation_loss, teacher_logits
 
 CHECKPOINT_FORMAT = "rtq-train/1"
 EVAL_BATCH = 128
+# Train images (class-balanced) that calibrate an int8 teacher: NNCF's default subset size.
+TEACHER_CALIBRATION = 300
 
 
 class TrainingInterrupted(Exception):
@@ -360,6 +362,17 @@ def train(
             f"into {opts.cache_dir}"
         )
     train_labels, val_labels = train_split.labels, val_split.labels
+    teacher_summary: dict = {}
+    if teacher is not None and cfg.teacher_precision == "int8":
+        from serving.train.distill import quantize_teacher
+
+        calibration = np.ascontiguousarray(train_images[balanced_indices(train_labels, TEACHER_CALIBRATION)])
+        teacher, kept = quantize_teacher(teacher, calibration, opts.threads)
+        teacher_summary = {"teacher_int8_top1_agreement": round(kept, 4)}
+        log(
+            f"teacher quantized to int8 on {len(calibration)} train images; its top-1 over the classes "
+            f"agrees with f32 on {kept:.1%} of them"
+        )
     epoch_val = balanced_indices(val_labels, cfg.val_images_per_epoch)
     val_subset_images = val_images if len(epoch_val) == len(val_labels) else val_images[epoch_val]
 
@@ -586,6 +599,7 @@ def train(
         "wall_s": round(elapsed(), 1),
         "peak_memory": peak_memory_mib(),
         "exported": str(export),
+        **teacher_summary,
     }
     manifest = export_weights(ema.module, export, cfg, folders, pp, summary, opts, commands)
     summary["sha256"] = manifest["sha256"]
