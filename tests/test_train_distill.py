@@ -96,6 +96,9 @@ def test_int8_teacher_is_quantized_and_keeps_the_f32_answers(imagenette: Path, t
     assert 0.9 <= kept <= 1.0
     with pytest.raises(RtqError, match="an int8 teacher runs on OpenVINO on the CPU"):
         quantize_teacher(replace(teacher, graph=None, runtime="torch"), frames)
+    # On a GPU it is refused before anything loads, not after the images are decoded.
+    with pytest.raises(RtqError, match="efficientnet_lite0 would run on cuda here"):
+        load_teacher(TEACHER, IMAGENETTE_WNIDS, device="cuda", precision="int8")
 
 
 def test_teacher_precision_is_checked_and_old_checkpoints_keep_f32():

@@ -38,10 +38,19 @@ class Teacher:
 
 
 def load_teacher(
-    name: str, classes: Sequence[str], size: int = 0, device: str = "cpu", threads: int = 2
+    name: str,
+    classes: Sequence[str],
+    size: int = 0,
+    device: str = "cpu",
+    threads: int = 2,
+    precision: str = "f32",
 ) -> Teacher:
-    """The zoo model `name` with its trained weights, frozen, reading the data's classes."""
+    """The zoo model `name` with its trained weights, frozen, reading the data's classes. `precision`
+    is only checked here (int8 needs the CPU's OpenVINO path); `quantize_teacher` quantizes."""
     from serving.models.zoo import class_wnids, create_model, get_spec
+
+    if precision == "int8" and device != "cpu":
+        raise _int8_needs_openvino(name, device)
 
     spec = get_spec(name)
     if spec.classes != "imagenet-1k":
@@ -125,10 +134,7 @@ def quantize_teacher(
     train images, whole frames), and the share of those images whose top-1 over the data's classes
     it keeps. Calibrated on the run's own data, not ImageNet: these are the inputs it will see."""
     if teacher.graph is None:
-        raise RtqError(
-            f"an int8 teacher runs on OpenVINO on the CPU; {teacher.name} runs on {teacher.runtime} here "
-            "(use --teacher-precision f32)"
-        )
+        raise _int8_needs_openvino(teacher.name, teacher.runtime)
     from serving.quantize.int8_openvino import quantize_int8
 
     x = torch.from_numpy(images).float()
@@ -145,6 +151,13 @@ def quantize_teacher(
             got = int8.forward(xb)[:, teacher.class_index.cpu()].argmax(1)
             kept += int((ref == got).sum())
     return int8, kept / max(1, len(x))
+
+
+def _int8_needs_openvino(name: str, where: str) -> RtqError:
+    return RtqError(
+        f"an int8 teacher runs on OpenVINO on the CPU; {name} would run on {where} here "
+        "(use --teacher-precision f32)"
+    )
 
 
 @torch.no_grad()

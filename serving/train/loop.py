@@ -337,7 +337,9 @@ def train(
     if cfg.teacher is not None:
         from serving.train.distill import load_teacher
 
-        teacher = load_teacher(cfg.teacher, folders.classes, cfg.teacher_size, opts.device, opts.threads)
+        teacher = load_teacher(
+            cfg.teacher, folders.classes, cfg.teacher_size, opts.device, opts.threads, cfg.teacher_precision
+        )
         log(
             f"distilling from {cfg.teacher} on {teacher.runtime} at "
             f"{f'{cfg.teacher_size} px' if cfg.teacher_size else 'the student size'} "
