@@ -195,9 +195,9 @@ def teacher_forward(teacher: nn.Module, cfg: QatConfig, device: str) -> TeacherF
     PyTorch: `rtq bench qat-step`; V2-B0's logits agree within 2e-6), else itself."""
     if not cfg.kd or not cfg.epochs or torch.device(device).type != "cpu":  # no step needs a faster one
         return teacher
-    from serving.train.distill import openvino_forward
+    from serving.train.distill import openvino_forward, openvino_graph
 
-    return openvino_forward(teacher, torch.get_num_threads())
+    return openvino_forward(openvino_graph(teacher), torch.get_num_threads())
 
 
 def train_step(
