@@ -137,19 +137,17 @@ def quantize_teacher(
         raise _int8_needs_openvino(teacher.name, teacher.runtime)
     from serving.quantize.int8_openvino import quantize_int8
 
-    x = torch.from_numpy(images).float()
-    x = (x - teacher.mean.cpu()) / teacher.std.cpu()
-    if teacher.size and teacher.size != x.shape[-1]:
-        x = F.interpolate(x, size=(teacher.size, teacher.size), mode="bilinear", antialias=True)
-    quantized = quantize_int8(teacher.graph, x.contiguous().numpy())
+    x = _teacher_input(teacher, torch.from_numpy(images).float())
+    quantized = quantize_int8(teacher.graph, x.numpy())
     int8 = replace(teacher, forward=openvino_forward(quantized, threads), precision="int8")
+    classes = teacher.class_index.cpu()
     kept = 0
     with torch.no_grad():
         for i in range(0, len(x), batch):
             xb = x[i : i + batch].contiguous()
-            ref = teacher.forward(xb)[:, teacher.class_index.cpu()].argmax(1)
-            got = int8.forward(xb)[:, teacher.class_index.cpu()].argmax(1)
-            kept += int((ref == got).sum())
+            kept += int(
+                (teacher.forward(xb)[:, classes].argmax(1) == int8.forward(xb)[:, classes].argmax(1)).sum()
+            )
     return int8, kept / max(1, len(x))
 
 
@@ -168,12 +166,17 @@ def teacher_logits(
     s_mean = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     s_std = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     # Normalization is affine, so this is exact for mixed batches too.
-    xt = (x.float() * s_std + s_mean - teacher.mean) / teacher.std
+    return teacher.forward(_teacher_input(teacher, x.float() * s_std + s_mean))[:, teacher.class_index]
+
+
+def _teacher_input(teacher: Teacher, pixels: torch.Tensor) -> torch.Tensor:
+    """0-255 pixels, N x 3 x H x W, normalized the teacher's way and resized to its input side."""
+    xt = (pixels - teacher.mean.to(pixels.device)) / teacher.std.to(pixels.device)
     if teacher.size and teacher.size != xt.shape[-1]:
         # Upsampling adds no detail, but Lite0 reads objects at the scale it was trained on: the
         # 80 px view upsampled to 160 is right on 87% of imagenette val, at 80 px on 73%.
         xt = F.interpolate(xt, size=(teacher.size, teacher.size), mode="bilinear", antialias=True)
-    return teacher.forward(xt.contiguous())[:, teacher.class_index]
+    return xt.contiguous()
 
 
 def distillation_loss(
